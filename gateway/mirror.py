@@ -1,0 +1,504 @@
+# Mirror queues and workers: how a unit travels from a client session to a mirror.
+#
+# Owns: Unit (what is offered), MirrorSession (one client session's FIFO to one
+# mirror, with the worker that drains it), MirrorSet (what a protocol session
+# offers to), Mirror (one [[listener.mirror]] at run time), the Replayer
+# contract a protocol plugin fulfils, and the exceptions that turn into drop
+# reasons.
+# Must not know: any protocol's bytes. Grouping (a Postgres transaction) is
+# asked of the replayer through ``ends_group``; the core only applies the rule
+# "a drop inside a group drops the rest of that group".
+#
+# Why not anyio memory object streams for the queue: a drop must be able to
+# look at what is queued (the rest of a transaction is dropped with it) and the
+# byte budget spans every session of a mirror; a deque with one waiter future
+# does both and costs one append per offer.
+from __future__ import annotations
+
+import abc
+import asyncio
+import collections
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from .accounting import DropReason, MirrorStats
+
+__all__ = [
+    "Mirror", "MirrorError", "MirrorSession", "MirrorSet", "MirrorTimeout",
+    "MirrorUnavailable", "Replayer", "Unit", "UnitCut",
+]
+
+_clock = time.monotonic
+
+
+class MirrorUnavailable(Exception):
+    """The mirror could not be reached, or no connection to it was free."""
+
+
+class MirrorTimeout(Exception):
+    """The mirror did not answer within the mirror's ``timeout``."""
+
+
+class MirrorError(Exception):
+    """The mirror connection broke or spoke out of protocol."""
+
+
+class UnitCut(Exception):
+    """A streamed unit lost its tail for this mirror (its budget ran out).
+
+    The replayer must end what it started on the mirror (Postgres: CopyFail) so
+    the mirror never applies half a unit.
+    """
+
+    def __init__(self, reason: DropReason) -> None:
+        super().__init__(reason.value)
+        self.reason = reason
+
+
+class Unit:
+    """One mirrorable piece of a client session (a Postgres request cycle, an HTTP request).
+
+    Shared by the sessions of every mirror it is offered to, so its bytes are
+    held once. A unit may grow after it is offered (a COPY streamed as it
+    arrives): ``extend`` adds chunks until ``close``. ``settle`` records what
+    the primary made of it (for Postgres, its transaction status afterwards),
+    which replayers may await.
+    """
+
+    __slots__ = (
+        "data", "size", "offered_at", "chunks", "refs", "closed", "result",
+        "settled", "meta", "_waiters",
+    )
+
+    def __init__(self, data: bytes, *, closed: bool = True) -> None:
+        self.data = data
+        self.size = len(data)
+        self.offered_at = _clock()
+        self.chunks: list[bytes | None] = []
+        self.refs: list[int] = []  # per chunk: mirror sessions yet to read it
+        self.closed = closed
+        self.result: Any = None
+        self.settled = False
+        self.meta: Any = None  # free for the protocol that cut the unit
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def _wake(self) -> None:
+        if self._waiters:
+            for w in self._waiters:
+                if not w.done():
+                    w.set_result(None)
+            self._waiters = None
+
+    async def _changed(self) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = []
+        self._waiters.append(fut)
+        await fut
+
+    def settle(self, result: Any) -> None:
+        """Record the primary's verdict on this unit (called once, by the protocol)."""
+        self.result = result
+        self.settled = True
+        self._wake()
+
+    async def wait_settled(self) -> Any:
+        while not self.settled:
+            await self._changed()
+        return self.result
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._wake()
+
+    def __repr__(self) -> str:
+        return (
+            f"<Unit {self.size}B chunks={len(self.chunks)} closed={self.closed} "
+            f"settled={self.settled} result={self.result!r}>"
+        )
+
+
+class _Dropped:
+    """Queue marker: units were dropped here; the worker must close their group."""
+
+    __slots__ = ("unit",)
+
+    def __init__(self, unit: Unit) -> None:
+        self.unit = unit
+
+
+class Replayer(abc.ABC):
+    """Delivers one client session's units to one mirror (a protocol plugin's part).
+
+    One instance per (client session, mirror). The core calls it from one
+    worker task, one unit at a time, in order.
+    """
+
+    @abc.abstractmethod
+    async def deliver(self, unit: Unit, session: MirrorSession) -> str:
+        """Send ``unit`` to the mirror and read the mirror's whole answer.
+
+        Chunks added to a streamed unit come from ``session.chunks(unit)``.
+
+        :returns: the outcome label (Postgres ``ok``/``error``, HTTP ``2xx``...).
+        :raises MirrorUnavailable: no connection could be had.
+        :raises MirrorTimeout: the mirror did not answer in time.
+        :raises MirrorError: the connection broke.
+        :raises UnitCut: a streamed unit was cut for this mirror.
+        """
+
+    async def ends_group(self, unit: Unit) -> bool:
+        """Whether the primary left no group (transaction) open after ``unit``.
+
+        May wait for the primary's answer. The default: every unit stands alone.
+        """
+        return True
+
+    async def abort_group(self) -> None:  # noqa: B027 - optional hook
+        """Undo what the mirror did of the current group (Postgres: ROLLBACK)."""
+
+    def cancel(self) -> None:  # noqa: B027 - optional hook
+        """Best effort: ask the mirror to stop the unit it is running."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """The session is over: give the mirror connection back or close it."""
+
+
+class MirrorSession:
+    """One client session's bounded FIFO to one mirror, and the worker draining it."""
+
+    def __init__(self, mirror: Mirror, replayer: Replayer) -> None:
+        self.mirror = mirror
+        self.stats = mirror.stats
+        self.replayer = replayer
+        self._q: collections.deque[Unit | _Dropped] = collections.deque()
+        self._limit = mirror.config.queue
+        self._budget = mirror.config.queue_bytes
+        # unit -> [bytes charged, next chunk to read, chunks accepted]
+        self._held: dict[Unit, list[int]] = {}
+        self._cut: dict[Unit, DropReason] = {}
+        self._waiter: asyncio.Future[None] | None = None
+        self._closed = False
+        self._aborted = False
+        self._skip_requested = False
+        self._current: Unit | None = None
+
+    # -- the offering side (synchronous, called from the protocol relay) --
+
+    def offer(self, unit: Unit) -> None:
+        """Queue ``unit`` without waiting; a full queue is a counted drop."""
+        stats = self.stats
+        size = unit.size
+        if self._closed:
+            stats.offer_dropped(DropReason.SHUTDOWN)
+            return
+        if size > self._budget:
+            stats.offer_dropped(DropReason.TOO_LARGE)
+            self._mark_dropped(unit)
+        elif len(self._q) >= self._limit or stats.queued_bytes + size > self._budget:
+            stats.offer_dropped(DropReason.QUEUE_FULL)
+            self._mark_dropped(unit)
+        else:
+            self._q.append(unit)
+            self._held[unit] = [size, len(unit.chunks), len(unit.chunks)]
+            stats.offer_queued(size)
+            self._wake()
+
+    def extend(self, unit: Unit, chunk: bytes) -> bool:
+        """Charge a chunk that ``unit`` gained; cut the unit if the budget is gone.
+
+        :returns: whether this session will read the chunk.
+        """
+        held = self._held.get(unit)
+        if held is None or unit in self._cut:
+            return False  # dropped or finished for this mirror
+        stats = self.stats
+        if stats.queued_bytes + len(chunk) > self._budget:
+            self._cut[unit] = DropReason.QUEUE_FULL
+            self._wake()
+            return False
+        held[0] += len(chunk)
+        held[2] = len(unit.chunks)
+        stats.queued_grew(len(chunk))
+        return True
+
+    def _mark_dropped(self, unit: Unit) -> None:
+        q = self._q
+        if q and isinstance(q[-1], _Dropped):
+            q[-1].unit = unit  # the group question is asked of the latest drop
+        else:
+            q.append(_Dropped(unit))
+            self._wake()
+
+    def close(self) -> None:
+        """No more units: the worker delivers what is queued, then ends."""
+        self._closed = True
+        self._wake()
+
+    def abort(self, reason: DropReason = DropReason.SHUTDOWN) -> None:
+        """Drop everything queued now; the worker stops after its current unit."""
+        self._closed = True
+        self._aborted = True
+        while self._q:
+            item = self._q.popleft()
+            if isinstance(item, Unit):
+                self.stats.queued_dropped(reason)
+                self._finish(item)
+        self._wake()
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    # -- the worker side --
+
+    @property
+    def oldest(self) -> float | None:
+        """When the oldest queued unit was offered (for the lag gauge)."""
+        for item in self._q:
+            if isinstance(item, Unit):
+                return item.offered_at
+        return None
+
+    def skip_rest_of_group(self) -> None:
+        """Asked by a replayer that rolled the mirror back after a delivered unit."""
+        self._skip_requested = True
+
+    async def chunks(self, unit: Unit) -> AsyncIterator[bytes]:
+        """The chunks a streamed unit gains, until it is closed.
+
+        :raises UnitCut: the unit was cut for this mirror.
+        """
+        held = self._held[unit]
+        while True:
+            reason = self._cut.get(unit)
+            if reason is not None:
+                raise UnitCut(reason)
+            i = held[1]
+            if i < held[2]:
+                chunk = unit.chunks[i]
+                assert chunk is not None
+                held[1] = i + 1
+                held[0] -= len(chunk)
+                self.stats.release_bytes(len(chunk))
+                _unref(unit, i)
+                yield chunk
+                continue
+            if unit.closed:
+                return
+            await self._wait_unit(unit)
+
+    async def _wait_unit(self, unit: Unit) -> None:
+        # Woken by Unit.extend/close (through unit waiters) or by a cut here.
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._waiter = fut
+        unit_wait = asyncio.ensure_future(unit._changed())
+        try:
+            await asyncio.wait((fut, unit_wait), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            unit_wait.cancel()
+            self._waiter = None
+
+    def _finish(self, unit: Unit) -> None:
+        held = self._held.pop(unit, None)
+        if held is None:
+            return
+        self.stats.release_bytes(held[0])
+        self._cut.pop(unit, None)
+        for i in range(held[1], held[2]):
+            _unref(unit, i)  # chunks this session will never read
+
+    async def _next(self) -> Unit | _Dropped | None:
+        while not self._q:
+            if self._closed:
+                return None
+            fut = asyncio.get_running_loop().create_future()
+            self._waiter = fut
+            try:
+                await fut
+            finally:
+                self._waiter = None
+        return self._q.popleft()
+
+    async def run(self) -> None:
+        """Drain the queue in order until the session closes; never raises."""
+        stats = self.stats
+        replayer = self.replayer
+        skipping = False
+        try:
+            while True:
+                item = await self._next()
+                if item is None:
+                    break
+                if isinstance(item, _Dropped):
+                    if not skipping:
+                        await self._abort_group()
+                    skipping = not await replayer.ends_group(item.unit)
+                    continue
+                unit = item
+                if skipping:
+                    stats.queued_dropped(DropReason.TRANSACTION_ABORTED)
+                    self._finish(unit)
+                    skipping = not await replayer.ends_group(unit)
+                    continue
+                stats.start()
+                self._current = unit
+                started = _clock()
+                reason: DropReason | None = None
+                try:
+                    outcome = await replayer.deliver(unit, self)
+                except MirrorUnavailable:
+                    reason = DropReason.MIRROR_UNAVAILABLE
+                except MirrorTimeout:
+                    reason = DropReason.MIRROR_TIMEOUT
+                except MirrorError:
+                    reason = DropReason.MIRROR_ERROR
+                except UnitCut as cut:
+                    reason = cut.reason
+                finally:
+                    self._current = None
+                if reason is None:
+                    stats.delivered_as(outcome, _clock() - started)
+                    self._finish(unit)
+                    if self._skip_requested:
+                        self._skip_requested = False
+                        skipping = not await replayer.ends_group(unit)
+                else:
+                    stats.in_flight_dropped(reason)
+                    self._finish(unit)
+                    await self._abort_group()
+                    skipping = not await replayer.ends_group(unit)
+        except asyncio.CancelledError:
+            self._drop_rest(DropReason.SHUTDOWN)
+            raise
+        finally:
+            self._drop_rest(DropReason.SHUTDOWN)
+            self.mirror.sessions.discard(self)
+            await _shielded_close(replayer)
+
+    async def _abort_group(self) -> None:
+        if not self._aborted:
+            try:
+                await self.replayer.abort_group()
+            except (MirrorError, MirrorTimeout, MirrorUnavailable):
+                pass  # the replayer resets its connection; nothing is left to undo
+
+    def _drop_rest(self, reason: DropReason) -> None:
+        if self._current is not None:
+            self.stats.in_flight_dropped(reason)
+            self._finish(self._current)
+            self._current = None
+        while self._q:
+            item = self._q.popleft()
+            if isinstance(item, Unit):
+                self.stats.queued_dropped(reason)
+                self._finish(item)
+
+    def __repr__(self) -> str:
+        return (
+            f"<MirrorSession {self.mirror.name} queued={len(self._q)} "
+            f"closed={self._closed} current={self._current!r}>"
+        )
+
+
+def _unref(unit: Unit, index: int) -> None:
+    # The last reader frees a chunk, so a long COPY is never held whole.
+    refs = unit.refs
+    refs[index] -= 1
+    if refs[index] <= 0:
+        unit.chunks[index] = None
+
+
+async def _shielded_close(replayer: Replayer) -> None:
+    task = asyncio.ensure_future(replayer.close())
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        pass
+    except Exception:  # noqa: BLE001 - a failing close must not take the worker down
+        pass
+
+
+class Mirror:
+    """One [[listener.mirror]] at run time: its config, counters and live sessions."""
+
+    def __init__(self, listener: str, config: Any, upstream: Any, spawn: Callable[..., Any]) -> None:
+        self.config = config
+        self.upstream = upstream
+        self.name: str = config.name
+        self.stats = MirrorStats(listener, self.name)
+        self.sessions: set[MirrorSession] = set()
+        self._spawn = spawn
+
+    def open_session(self, replayer: Replayer) -> MirrorSession:
+        """A queue and a worker for one client session."""
+        session = MirrorSession(self, replayer)
+        self.sessions.add(session)
+        self._spawn(session.run)
+        return session
+
+    def lag(self) -> float:
+        """Age in seconds of the oldest queued unit across sessions."""
+        oldest = min((t for s in self.sessions if (t := s.oldest) is not None), default=None)
+        return 0.0 if oldest is None else max(0.0, _clock() - oldest)
+
+    def queued_units(self) -> int:
+        return self.stats.queued
+
+    def __repr__(self) -> str:
+        return f"<Mirror {self.name} sessions={len(self.sessions)} {self.stats!r}>"
+
+
+class MirrorSet:
+    """What one client session offers its units to: sampled mirrors, and skipped ones."""
+
+    __slots__ = ("sessions", "skipped")
+
+    def __init__(self, sessions: list[MirrorSession], skipped: list[MirrorStats]) -> None:
+        self.sessions = sessions
+        self.skipped = skipped
+
+    def __bool__(self) -> bool:
+        return bool(self.sessions)
+
+    def offer(self, unit: Unit) -> None:
+        for s in self.sessions:
+            s.offer(unit)
+        for st in self.skipped:
+            st.skipped += 1
+
+    def extend(self, unit: Unit, chunk: bytes) -> None:
+        """Add a chunk to a streamed unit that was offered already."""
+        unit.chunks.append(chunk)
+        unit.refs.append(0)
+        unit.size += len(chunk)
+        readers = 0
+        for s in self.sessions:
+            readers += s.extend(unit, chunk)
+        if readers:
+            unit.refs[-1] = readers
+        else:
+            unit.chunks[-1] = None
+        unit._wake()
+
+    def close(self) -> None:
+        for s in self.sessions:
+            s.close()
+
+    def abort(self, reason: DropReason = DropReason.SHUTDOWN) -> None:
+        for s in self.sessions:
+            s.abort(reason)
+
+    def __repr__(self) -> str:
+        return f"<MirrorSet mirrored={len(self.sessions)} skipped={len(self.skipped)}>"
+
+
+def sample(fraction: float) -> bool:
+    """One sampling decision (1.0 always, 0.0 never)."""
+    return fraction >= 1.0 or (fraction > 0.0 and random.random() < fraction)
