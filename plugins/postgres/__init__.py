@@ -1,0 +1,94 @@
+"""The Postgres protocol plugin: a relay to the primary, a replayer for mirrors.
+
+Registered through the ``mirrorgate`` entry-point group, like any third-party
+plugin; it imports only the public API of ``gateway``.
+"""
+# Owns: the protocol class a `protocol = "postgres"` listener runs, its config
+# keys, the listener-wide map of backend keys for CancelRequest routing, and the
+# per-session choice of mirrors.
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import attrs
+
+from gateway import MirrorSet, NoOptions, ProtocolHandler, ProtocolRegistry, hookimpl
+
+from . import codec
+from .relay import PgSession
+from .replayer import PgReplayer, _send_cancel
+from .statements import StatementRegistry
+
+__all__ = ["PostgresMirrorOptions", "PostgresProtocol"]
+
+log = logging.getLogger("mirrorgate.postgres")
+
+# The largest message a mirror may send the gateway (the server's own cap is 1 GiB).
+MIRROR_MAX_MESSAGE = codec.MAX_MESSAGE
+
+
+def _fraction(instance: object, attribute: attrs.Attribute, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{attribute.name} must be between 0.0 and 1.0, not {value}")
+
+
+@attrs.frozen
+class PostgresMirrorOptions:
+    """Keys a Postgres listener's [[listener.mirror]] adds."""
+
+    exposure: float = attrs.field(default=1.0, converter=float, validator=_fraction)
+
+
+class PostgresProtocol(ProtocolHandler):
+    """Postgres wire protocol v3."""
+
+    id = "postgres"
+    url_schemes = ("postgres", "postgresql")
+    ListenerOptions = NoOptions
+    MirrorOptions = PostgresMirrorOptions
+
+    def __init__(self, context):  # type: ignore[no-untyped-def]
+        super().__init__(context)
+        self.sessions_by_key: dict[tuple[int, bytes], PgSession] = {}
+        for mirror in context.mirrors:
+            for outcome in ("ok", "error"):
+                mirror.stats.delivered.setdefault(outcome, 0)
+
+    def client_protocol(self) -> asyncio.Protocol:
+        return PgSession(self)
+
+    def open_mirrors(self, session: PgSession) -> MirrorSet:
+        """Choose this session's mirrors (``exposure``, once per session)."""
+        assert session.startup is not None
+        statements = StatementRegistry()
+        params = dict(session.startup.params)
+        replayers: list[PgReplayer] = []
+
+        def make(mirror):  # type: ignore[no-untyped-def]
+            r = PgReplayer(mirror, self.context.pool_for(mirror), params, statements,
+                           MIRROR_MAX_MESSAGE)
+            replayers.append(r)
+            return r
+
+        mirrors = self.context.open_mirrors(make)
+        session.statements = statements
+        session.replayers = replayers
+        return mirrors
+
+    def cancel(self, request: codec.CancelRequest) -> None:
+        """Route a CancelRequest: to the primary always, to the session's mirrors if known."""
+        primary = self.context.primary
+        packet = codec.cancel_request(request.pid, request.key)
+        loop = asyncio.get_running_loop()
+        loop.create_task(_send_cancel(primary.host, primary.port, packet,
+                                      primary.connect_timeout))
+        session = self.sessions_by_key.get((request.pid, request.key))
+        if session is not None:
+            for replayer in session.replayers:
+                replayer.cancel()
+
+
+@hookimpl
+def gateway_register_protocols(registry: ProtocolRegistry) -> None:
+    registry.add(PostgresProtocol)

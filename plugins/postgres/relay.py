@@ -1,0 +1,516 @@
+# The Postgres client session: relays bytes to the primary, cuts units for mirrors.
+#
+# Owns: one client connection and its primary connection, from the startup
+# packet to the close; the gateway's own replies (declining TLS, errors for bad
+# input, an unreachable primary, too many clients); cancel routing; and cutting
+# the client's byte stream into units (a Query, an extended batch up to Sync, a
+# function call; a COPY grows its unit as the data arrives).
+# Must not know: how a unit reaches a mirror (replayer.py), or queues (the core).
+#
+# Hot path rules (design.md §3): every chunk is written on as soon as it is
+# received, unchanged; then only frame headers are read (type byte + length) to
+# find boundaries. A body is read only for ReadyForQuery (its status byte) and
+# during start-up. No log call, no decode, no per-frame allocation after start-up.
+from __future__ import annotations
+
+import asyncio
+import collections
+import enum
+import logging
+import struct
+import time
+from typing import TYPE_CHECKING, Any
+
+from gateway import ClientSession, ListenerContext, MirrorSet, Unit
+
+from . import codec
+
+if TYPE_CHECKING:
+    from .replayer import PgReplayer
+
+log = logging.getLogger("mirrorgate.postgres")
+
+_len = struct.Struct("!i").unpack_from
+_clock = time.monotonic
+
+# Frontend type bytes (Postgres protocol, "Message Formats").
+_F_QUERY = ord("Q")
+_F_SYNC = ord("S")
+_F_FUNCTION_CALL = ord("F")
+_F_COPY_DONE = ord("c")
+_F_COPY_FAIL = ord("f")
+# Backend type bytes.
+_B_READY = ord("Z")
+_B_COPY_IN = ord("G")
+_B_AUTH = ord("R")
+_B_KEY = ord("K")
+_B_ERROR = ord("E")
+
+# "The first byte of a message identifies the message type, and the next four
+# bytes specify the length of the rest of the message (this length count
+# includes itself, but not the message-type byte)."
+_HEADER = 5
+
+# Client bytes held while the primary connection is being opened.
+_MAX_EARLY_BYTES = 1 << 20
+_TRUTHY = frozenset({"true", "on", "yes", "1", "database"})
+
+
+class Phase(enum.Enum):
+    STARTUP = "startup"        # waiting for a complete startup packet
+    CONNECTING = "connecting"  # startup packet in; opening the primary connection
+    AUTH = "auth"              # relaying authentication; reading the primary's answers
+    READY = "ready"            # relaying; cutting units
+    RAW = "raw"                # relaying only (replication connections)
+    CLOSED = "closed"
+
+
+class CopyMode(enum.Enum):
+    NONE = 0
+    SIMPLE = 1    # COPY from a Query: ends at CopyDone/CopyFail
+    EXTENDED = 2  # COPY from an extended batch: ends at the Sync after CopyDone
+
+
+class PrimaryLink(asyncio.Protocol):
+    """The gateway's connection to the primary for one client session."""
+
+    __slots__ = ("session", "transport")
+
+    def __init__(self, session: PgSession) -> None:
+        self.session = session
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.session.primary_data(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.session.primary_lost(exc)
+
+    def pause_writing(self) -> None:
+        # The primary reads slower than the client writes: stop reading the client.
+        client = self.session.client
+        if client is not None:
+            client.pause_reading()
+
+    def resume_writing(self) -> None:
+        client = self.session.client
+        if client is not None and not client.is_closing():
+            client.resume_reading()
+
+
+class PgSession(asyncio.Protocol, ClientSession):
+    """One client connection: an asyncio Protocol driven by the event loop."""
+
+    def __init__(self, handler: Any) -> None:
+        self.handler = handler
+        self.ctx: ListenerContext = handler.context
+        self.stats = self.ctx.stats
+        self.client: asyncio.Transport | None = None
+        self.primary: asyncio.Transport | None = None
+        self.phase = Phase.STARTUP
+        self.startup: codec.StartupMessage | None = None
+        self.peer = "?"
+        self.mirrors: MirrorSet | None = None
+        self.replayers: list[PgReplayer] = []
+        self.statements: Any = None  # StatementRegistry when mirrored
+        self.backend_key: tuple[int, bytes] | None = None
+        self._registered = False
+        self._buf = bytearray()       # start-up phase bytes
+        self._early: list[bytes] = []  # client bytes that came while connecting
+        self._early_size = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._auth_reader: codec.FrameReader | None = None
+        # Frontend scanning state.
+        self._fskip = 0               # bytes of the current frame still to come
+        self._fcur = -1               # type of that frame (-1: none)
+        self._ftail = b""             # a split frame header
+        self._pieces: list[bytes] = []  # bytes of the unit being cut (mirrored only)
+        self._copy = CopyMode.NONE
+        self._copy_unit: Unit | None = None
+        self._copy_end_kind = -1      # CopyDone or CopyFail seen in an extended COPY
+        # Backend scanning state.
+        self._bskip = 0
+        self._btail = b""
+        # Units sent and not yet answered: (time sent, unit or None, terminator).
+        self._pending: collections.deque[tuple[float, Unit | None, int]] = collections.deque()
+
+    # ---------------------------------------------------------------- client side
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.client = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peer = f"{peer[0]}:{peer[1]}"
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self.ctx.startup_timeout, self._startup_expired)
+
+    def data_received(self, data: bytes) -> None:
+        if self.phase is Phase.READY:
+            self.primary.write(data)  # type: ignore[union-attr]
+            self._scan_front(data)
+        elif self.phase is Phase.RAW or self.phase is Phase.AUTH:
+            self.primary.write(data)  # type: ignore[union-attr]
+        elif self.phase is Phase.STARTUP:
+            self._startup_data(data)
+        elif self.phase is Phase.CONNECTING:
+            self._early_size += len(data)
+            if self._early_size > _MAX_EARLY_BYTES:
+                self._fail("08P01", "too much data before the server connection was ready")
+                return
+            self._early.append(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end()
+
+    def pause_writing(self) -> None:
+        if self.primary is not None:
+            self.primary.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.primary is not None and not self.primary.is_closing():
+            self.primary.resume_reading()
+
+    # ---------------------------------------------------------------- start-up
+
+    def _startup_data(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        try:
+            packet, used = codec.parse_initial_packet(buf)
+        except codec.ProtocolViolation as exc:
+            self._fail(exc.sqlstate, exc.message)
+            return
+        if packet is None:
+            return
+        rest = bytes(buf[used:])
+        buf.clear()
+        if isinstance(packet, codec.SSLRequest | codec.GSSENCRequest):
+            if rest:
+                # CVE-2021-23214: bytes sent before the answer to SSLRequest
+                # could be injected into an encrypted session; refuse them.
+                self._fail("08P01", "received unencrypted data after SSL or GSS request")
+                return
+            # "The server then responds with a single byte containing S or N";
+            # mirrorgate does not terminate TLS yet, so always N.
+            self.client.write(b"N")  # type: ignore[union-attr]
+            return
+        if isinstance(packet, codec.CancelRequest):
+            self.handler.cancel(packet)
+            self.client.close()  # type: ignore[union-attr]
+            self.phase = Phase.CLOSED
+            return
+        assert isinstance(packet, codec.StartupMessage)
+        self.startup = packet
+        if not self.ctx.session_opened(self):
+            self._fail("53300", "sorry, too many clients already")
+            return
+        self._registered = True
+        replication = packet.params.get("replication", "false").lower() in _TRUTHY
+        self.phase = Phase.CONNECTING
+        if rest:
+            self._early.append(rest)
+            self._early_size = len(rest)
+        asyncio.get_running_loop().create_task(self._connect_primary(raw=replication))
+
+    async def _connect_primary(self, raw: bool) -> None:
+        primary = self.ctx.primary
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(primary.connect_timeout):
+                _, link = await loop.create_connection(
+                    lambda: PrimaryLink(self), primary.host, primary.port)
+        except (OSError, TimeoutError) as exc:
+            reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+            log.warning("session %s: primary %s (%s:%d) unreachable: %s",
+                        self.peer, primary.name, primary.host, primary.port, reason)
+            self._fail("08006", f'mirrorgate: cannot connect to primary "{primary.name}" '
+                                f"at {primary.host}:{primary.port}: {reason}")
+            return
+        if self.phase is Phase.CLOSED:
+            link.transport.close()  # type: ignore[union-attr]
+            return
+        self.primary = link.transport
+        assert self.startup is not None
+        self.primary.write(self.startup.raw)  # type: ignore[union-attr]
+        if raw:
+            self.phase = Phase.RAW
+            if self._timer is not None:
+                self._timer.cancel()
+        else:
+            self.phase = Phase.AUTH
+            self._auth_reader = codec.FrameReader()
+        for chunk in self._early:
+            self.primary.write(chunk)  # type: ignore[union-attr]
+        self._early.clear()
+
+    def _startup_expired(self) -> None:
+        self._timer = None
+        if self.phase in (Phase.STARTUP, Phase.CONNECTING, Phase.AUTH):
+            log.info("session %s: start-up not complete within %.1fs", self.peer,
+                     self.ctx.startup_timeout)
+            self._fail("08P01", "mirrorgate: start-up not complete within "
+                                f"{self.ctx.startup_timeout:g}s (startup_timeout)")
+
+    def _fail(self, sqlstate: str, message: str) -> None:
+        """Answer the client with an ErrorResponse of our own and close."""
+        if self.client is not None and not self.client.is_closing():
+            self.client.write(codec.error_response(sqlstate, message))
+            self.client.close()
+        if self.primary is not None:
+            self.primary.close()
+        self._end()
+
+    # ---------------------------------------------------------------- primary side
+
+    def primary_data(self, data: bytes) -> None:
+        client = self.client
+        if client is None or client.is_closing():
+            return
+        client.write(data)
+        if self.phase is Phase.READY:
+            self._scan_back(data)
+        elif self.phase is Phase.AUTH:
+            self._auth_back(data)
+
+    def primary_lost(self, exc: Exception | None) -> None:
+        if self.client is not None:
+            self.client.close()  # flushes what the primary sent last
+        self._end()
+
+    def _auth_back(self, data: bytes) -> None:
+        """Follow authentication until the first ReadyForQuery."""
+        reader = self._auth_reader
+        assert reader is not None
+        reader.feed(data)
+        try:
+            while (f := reader.next_frame()) is not None:
+                kind, body = f
+                if kind == _B_KEY:
+                    self.backend_key = codec.backend_key(body)
+                    self.handler.sessions_by_key[self.backend_key] = self
+                elif kind == _B_READY:
+                    self._ready(reader.take_buffered())
+                    return
+        except codec.ProtocolViolation as exc:
+            log.warning("session %s: primary spoke out of protocol during start-up: %s",
+                        self.peer, exc.message)
+            self._fail(exc.sqlstate, f"mirrorgate: primary sent a malformed message: "
+                                     f"{exc.message}")
+
+    def _ready(self, rest: bytes) -> None:
+        self.phase = Phase.READY
+        self._auth_reader = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.ctx.mirrors:
+            self.mirrors = self.handler.open_mirrors(self)
+            if not self.mirrors:
+                self.mirrors = None
+        if rest:
+            self._scan_back(rest)
+
+    # ---------------------------------------------------------------- scanning
+
+    def _scan_front(self, data: bytes) -> None:
+        """Find unit boundaries in client bytes already sent to the primary."""
+        if self._ftail:
+            data = self._ftail + data
+            self._ftail = b""
+        n = len(data)
+        pos = self._fskip
+        start = 0  # first byte of data not yet given to a unit
+        mirrored = self.mirrors is not None
+        if pos <= n and self._fcur >= 0:
+            start = self._frame_end(self._fcur, data, start, pos)
+        while pos < n:
+            if n - pos < _HEADER:
+                self._ftail = data[pos:]
+                self._fcur = -1
+                self._fskip = 0
+                if mirrored:
+                    self._hold(data, start, pos)
+                return
+            kind = data[pos]
+            length = _len(data, pos + 1)[0]
+            if length < 4:
+                self._desynchronised("client", kind, length)
+                return
+            pos += 1 + length
+            if pos <= n:
+                start = self._frame_end(kind, data, start, pos)
+            else:
+                self._fcur = kind
+        if pos > n:
+            self._fskip = pos - n
+        else:
+            self._fskip = 0
+            self._fcur = -1
+        if mirrored and start < n:
+            self._hold(data, start, n)
+
+    def _hold(self, data: bytes, start: int, end: int) -> None:
+        """Keep client bytes that belong to the unit still being cut."""
+        if start >= end:
+            return
+        chunk = data if (start == 0 and end == len(data)) else data[start:end]
+        if self._copy is not CopyMode.NONE and self._copy_unit is not None:
+            self.mirrors.extend(self._copy_unit, chunk)  # type: ignore[union-attr]
+        else:
+            self._pieces.append(chunk)
+
+    def _frame_end(self, kind: int, data: bytes, start: int, end: int) -> int:
+        """A frame of type ``kind`` ended at ``end`` in ``data``; cut a unit there if due.
+
+        :returns: the new start of bytes not yet given to a unit.
+        """
+        copy = self._copy
+        if copy is not CopyMode.NONE:
+            if kind == _F_COPY_DONE or kind == _F_COPY_FAIL:
+                if copy is CopyMode.SIMPLE:
+                    return self._copy_finished(data, start, end, kind)
+                self._copy_end_kind = kind
+            elif kind == _F_SYNC and copy is CopyMode.EXTENDED:
+                return self._copy_finished(data, start, end, self._copy_end_kind)
+            return start
+        if kind == _F_SYNC or kind == _F_QUERY or kind == _F_FUNCTION_CALL:
+            unit = None
+            if self.mirrors is not None:
+                pieces = self._pieces
+                if pieces:
+                    pieces.append(data[start:end])
+                    raw = b"".join(pieces)
+                    pieces.clear()
+                elif start == 0 and end == len(data):
+                    raw = data
+                else:
+                    raw = data[start:end]
+                self.statements.note(raw)
+                unit = Unit(raw, closed=False)
+                self.mirrors.offer(unit)
+            self._pending.append((_clock(), unit, kind))
+            return end
+        return start
+
+    def _copy_finished(self, data: bytes, start: int, end: int, how: int) -> int:
+        unit = self._copy_unit
+        if unit is not None and self.mirrors is not None and end > start:
+            self.mirrors.extend(unit, data[start:end])
+        if unit is not None:
+            unit.meta = how  # CopyDone or CopyFail reached the unit
+        self._copy = CopyMode.NONE
+        self._copy_unit = None
+        return end
+
+    def _scan_back(self, data: bytes) -> None:
+        """Read ReadyForQuery and CopyInResponse headers in primary bytes."""
+        if self._btail:
+            data = self._btail + data
+            self._btail = b""
+        n = len(data)
+        pos = self._bskip
+        while pos < n:
+            if n - pos < _HEADER:
+                self._btail = data[pos:]
+                self._bskip = 0
+                return
+            kind = data[pos]
+            if kind == _B_READY:
+                if n - pos < 6:
+                    self._btail = data[pos:]
+                    self._bskip = 0
+                    return
+                self._answered(data[pos + 5])
+                pos += 6
+                continue
+            length = _len(data, pos + 1)[0]
+            if length < 4:
+                self._desynchronised("primary", kind, length)
+                return
+            if kind == _B_COPY_IN:
+                self._copy_started()
+            pos += 1 + length
+        self._bskip = pos - n
+
+    def _answered(self, status: int) -> None:
+        """A ReadyForQuery: the oldest pending unit is complete."""
+        pending = self._pending
+        if not pending:
+            return  # e.g. the extra ReadyForQuery of an error during start-up
+        sent, unit, _ = pending.popleft()
+        stats = self.stats
+        stats.primary_units += 1
+        stats.primary_latency.observe(_clock() - sent)
+        if unit is not None:
+            unit.settle(status)
+            unit.close()
+
+    def _copy_started(self) -> None:
+        """CopyInResponse: the client now streams data for the oldest pending unit."""
+        if not self._pending:
+            return
+        _, unit, terminator = self._pending[0]
+        # "The backend will ignore Flush and Sync messages received during
+        # copy-in mode": a COPY from an extended batch ends at the Sync after
+        # CopyDone, and its first Sync earns no ReadyForQuery of its own.
+        self._copy = CopyMode.EXTENDED if terminator == _F_SYNC else CopyMode.SIMPLE
+        self._copy_end_kind = -1
+        self._copy_unit = unit
+        if unit is not None:
+            unit.meta = None
+
+    def _desynchronised(self, side: str, kind: int, length: int) -> None:
+        # The primary judges client bytes itself (and will answer with an error);
+        # the gateway stops cutting units, so this session is no longer mirrored.
+        log.warning("session %s: %s sent a frame with invalid length %d (type %r); "
+                    "mirroring stops for this session", self.peer, side, length, chr(kind))
+        self.phase = Phase.RAW
+        self._stop_mirroring()
+
+    # ---------------------------------------------------------------- ending
+
+    def _stop_mirroring(self) -> None:
+        mirrors = self.mirrors
+        self.mirrors = None
+        self._pieces.clear()
+        for _, unit, _ in self._pending:
+            if unit is not None:
+                unit.settle(None)
+                unit.close()
+        if self._copy_unit is not None:
+            self._copy_unit.close()
+            self._copy_unit = None
+        if mirrors is not None:
+            mirrors.close()
+
+    def _end(self) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        self.phase = Phase.CLOSED
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.primary is not None:
+            self.primary.close()
+        self._stop_mirroring()
+        self._pending.clear()
+        if self.backend_key is not None:
+            self.handler.sessions_by_key.pop(self.backend_key, None)
+        if self._registered:
+            self._registered = False
+            self.ctx.session_closed(self)
+
+    def abort(self) -> None:
+        if self.client is not None:
+            self.client.abort()
+        if self.primary is not None:
+            self.primary.abort()
+        self._end()
+
+    def __repr__(self) -> str:
+        user = self.startup.params.get("user") if self.startup else None
+        return (f"<PgSession {self.peer} user={user} {self.phase.value} "
+                f"pending={len(self._pending)} mirrors={self.mirrors!r}>")

@@ -1,0 +1,89 @@
+# Named prepared statements of one client session, for re-preparing on a mirror.
+#
+# Owns: the Parse frames a client session sent for named statements, so that a
+# mirror connection that missed one (its unit was dropped, or the connection was
+# reset) can be given the Parse again before a Bind that needs it; and the
+# frame walk that finds Parse, Bind, Describe and Close in a unit's bytes.
+# Must not know: queues or sockets. Bounded: at most MAX_STATEMENTS entries and
+# MAX_BYTES of Parse frames; past that the oldest are forgotten (a mirror that
+# missed one of those answers the Bind with an error, counted as outcome error).
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import Iterator
+
+from . import codec
+
+__all__ = ["StatementRegistry", "frames", "resets_statements"]
+
+MAX_STATEMENTS = 10_000
+MAX_BYTES = 16 * 1024 * 1024
+
+_len = struct.Struct("!i").unpack_from
+_PARSE, _CLOSE, _QUERY = ord("P"), ord("C"), ord("Q")
+# DISCARD ALL and DEALLOCATE ALL drop every prepared statement of the session.
+_RESET = re.compile(rb"\s*(?:DISCARD\s+ALL|DEALLOCATE\s+(?:PREPARE\s+)?ALL)\b", re.IGNORECASE)
+
+
+def frames(data: bytes) -> Iterator[tuple[int, int, int]]:
+    """(type, body start, end) of each complete frame in ``data``."""
+    pos, n = 0, len(data)
+    while n - pos >= 5:
+        length = _len(data, pos + 1)[0]
+        end = pos + 1 + length
+        if length < 4 or end > n:
+            return
+        yield data[pos], pos + 5, end
+        pos = end
+
+
+def resets_statements(sql_body: bytes | memoryview) -> bool:
+    return _RESET.match(sql_body) is not None
+
+
+class StatementRegistry:
+    """Parse frames by statement name for one client session."""
+
+    __slots__ = ("_parses", "_bytes")
+
+    def __init__(self) -> None:
+        self._parses: dict[bytes, bytes] = {}
+        self._bytes = 0
+
+    def note(self, data: bytes) -> None:
+        """Record what a unit does to the session's named statements."""
+        view = memoryview(data)
+        for kind, body, end in frames(data):
+            if kind == _PARSE:
+                name = codec.statement_name_of_parse(view[body:end])
+                if name:
+                    self._add(name, data[body - 5:end])
+            elif kind == _CLOSE:
+                what, name = codec.close_target(view[body:end])
+                if what == b"S":
+                    self._remove(name)
+            elif kind == _QUERY and resets_statements(view[body:end]):
+                self._parses.clear()
+                self._bytes = 0
+
+    def _add(self, name: bytes, frame: bytes) -> None:
+        self._remove(name)
+        self._parses[name] = frame
+        self._bytes += len(frame)
+        while self._parses and (len(self._parses) > MAX_STATEMENTS or self._bytes > MAX_BYTES):
+            self._remove(next(iter(self._parses)))
+
+    def _remove(self, name: bytes) -> None:
+        old = self._parses.pop(name, None)
+        if old is not None:
+            self._bytes -= len(old)
+
+    def get(self, name: bytes) -> bytes | None:
+        return self._parses.get(name)
+
+    def __len__(self) -> int:
+        return len(self._parses)
+
+    def __repr__(self) -> str:
+        return f"<StatementRegistry {len(self._parses)} statements, {self._bytes}B>"
