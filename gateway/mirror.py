@@ -150,6 +150,15 @@ class Replayer(abc.ABC):
         :raises UnitCut: a streamed unit was cut for this mirror.
         """
 
+    def unavailable(self) -> bool:
+        """True while the mirror is known to be unreachable (connect backoff).
+
+        Checked at each offer, so that units are dropped there, counted
+        ``mirror_unavailable``, without waking the worker: a dead mirror then
+        costs the relay a few counter increments per unit.
+        """
+        return False
+
     async def ends_group(self, unit: Unit) -> bool:
         """Whether the primary left no group (transaction) open after ``unit``.
 
@@ -199,6 +208,9 @@ class MirrorSession:
         if size > self._budget:
             stats.offer_dropped(DropReason.TOO_LARGE)
             self._mark_dropped(unit)
+        elif self.replayer.unavailable():
+            stats.offer_dropped(DropReason.MIRROR_UNAVAILABLE)
+            self._mark_dropped(unit)
         elif len(self._q) >= self._limit or stats.queued_bytes + size > self._budget:
             stats.offer_dropped(DropReason.QUEUE_FULL)
             self._mark_dropped(unit)
@@ -227,12 +239,13 @@ class MirrorSession:
         return True
 
     def _mark_dropped(self, unit: Unit) -> None:
+        # The marker does not wake the worker: it is dealt with before the next
+        # queued unit (or at close), so a run of drops costs no task switch.
         q = self._q
         if q and isinstance(q[-1], _Dropped):
             q[-1].unit = unit  # the group question is asked of the latest drop
         else:
             q.append(_Dropped(unit))
-            self._wake()
 
     def close(self) -> None:
         """No more units: the worker delivers what is queued, then ends."""

@@ -374,6 +374,12 @@ class PgReplayer(Replayer):
 
     # -- the Replayer contract --
 
+    def unavailable(self) -> bool:
+        conn = self.conn
+        if conn is not None and conn.lost is None:
+            return False
+        return self._refused is not None or not self.pool.available()
+
     async def ends_group(self, unit: Unit) -> bool:
         status = unit.result if unit.settled else await unit.wait_settled()
         return status is None or status == _IDLE
