@@ -117,6 +117,7 @@ class PgSession(asyncio.Protocol, ClientSession):
         self.replayers: list[PgReplayer] = []
         self.statements: Any = None  # StatementRegistry when mirrored
         self.backend_key: tuple[int, bytes] | None = None
+        self._skipped: list[Any] = []  # stats of mirrors sampling left out, if none took it
         self._registered = False
         self._buf = bytearray()       # start-up phase bytes
         self._early: list[bytes] = []  # client bytes that came while connecting
@@ -307,9 +308,11 @@ class PgSession(asyncio.Protocol, ClientSession):
             self._timer.cancel()
             self._timer = None
         if self.ctx.mirrors:
-            self.mirrors = self.handler.open_mirrors(self)
-            if not self.mirrors:
-                self.mirrors = None
+            mirrors = self.handler.open_mirrors(self)
+            if mirrors.sessions:
+                self.mirrors = mirrors  # it counts the skipped mirrors itself
+            else:
+                self._skipped = mirrors.skipped
         if rest:
             self._scan_back(rest)
 
@@ -391,6 +394,9 @@ class PgSession(asyncio.Protocol, ClientSession):
                 self.statements.note(raw)
                 unit = Unit(raw, closed=False)
                 self.mirrors.offer(unit)
+            elif self._skipped:
+                for stats in self._skipped:
+                    stats.skipped += 1
             self._pending.append((_clock(), unit, kind))
             return end
         return start

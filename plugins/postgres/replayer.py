@@ -198,7 +198,10 @@ class PgReplayer(Replayer):
                 return idle
             pool.discard()
         if not pool.reserve():
-            raise MirrorUnavailable(f"no free connection to {pool.name}")
+            # design.md §5: a session that finds no free connection is not
+            # mirrored; all its units are counted mirror_unavailable.
+            self._refused = f"no free connection to {pool.name} (pool_size {pool.capacity})"
+            raise MirrorUnavailable(self._refused)
         try:
             conn = await self._open()
         except BaseException:
