@@ -441,7 +441,8 @@ async def _shielded_close(replayer: Replayer) -> None:
 class Mirror:
     """One [[listener.mirror]] at run time: its config, counters and live sessions."""
 
-    def __init__(self, listener: str, config: Any, upstream: Any, spawn: Callable[..., Any]) -> None:
+    def __init__(self, listener: str, config: Any, upstream: Any,
+                 spawn: Callable[..., Any]) -> None:
         self.config = config
         self.upstream = upstream
         self.name: str = config.name

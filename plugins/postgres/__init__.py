@@ -13,7 +13,15 @@ import logging
 
 import attrs
 
-from gateway import MirrorSet, NoOptions, ProtocolHandler, ProtocolRegistry, hookimpl
+from gateway import (
+    ListenerContext,
+    Mirror,
+    MirrorSet,
+    NoOptions,
+    ProtocolHandler,
+    ProtocolRegistry,
+    hookimpl,
+)
 
 from . import codec
 from .relay import PgSession
@@ -48,7 +56,7 @@ class PostgresProtocol(ProtocolHandler):
     ListenerOptions = NoOptions
     MirrorOptions = PostgresMirrorOptions
 
-    def __init__(self, context):  # type: ignore[no-untyped-def]
+    def __init__(self, context: ListenerContext) -> None:
         super().__init__(context)
         self.sessions_by_key: dict[tuple[int, bytes], PgSession] = {}
         for mirror in context.mirrors:
@@ -65,7 +73,7 @@ class PostgresProtocol(ProtocolHandler):
         params = dict(session.startup.params)
         replayers: list[PgReplayer] = []
 
-        def make(mirror):  # type: ignore[no-untyped-def]
+        def make(mirror: Mirror) -> PgReplayer:
             r = PgReplayer(mirror, self.context.pool_for(mirror), params, statements,
                            MIRROR_MAX_MESSAGE)
             replayers.append(r)

@@ -8,10 +8,11 @@ import struct
 
 import pytest
 import scramp
-from gateway_postgres import codec
-from gateway_postgres.auth import AuthFailed, AuthState, MirrorAuth
 from hypothesis import given
 from hypothesis import strategies as st
+
+from gateway_postgres import codec
+from gateway_postgres.auth import AuthFailed, AuthState, MirrorAuth
 
 PASSWORD = "s3cr3t-Pa55"
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import struct
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from gateway_postgres import codec
 from gateway_postgres.codec import (
     CancelRequest,
@@ -17,8 +20,6 @@ from gateway_postgres.codec import (
     TransactionStatus,
     parse_initial_packet,
 )
-from hypothesis import given
-from hypothesis import strategies as st
 
 # --- helpers -----------------------------------------------------------------------
 
