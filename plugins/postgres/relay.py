@@ -37,11 +37,11 @@ _clock = time.monotonic
 _F_QUERY = ord("Q")
 _F_SYNC = ord("S")
 _F_FUNCTION_CALL = ord("F")
+_F_COPY_DATA = ord("d")
 _F_COPY_DONE = ord("c")
 _F_COPY_FAIL = ord("f")
 # Backend type bytes.
 _B_READY = ord("Z")
-_B_COPY_IN = ord("G")
 _B_AUTH = ord("R")
 _B_KEY = ord("K")
 _B_ERROR = ord("E")
@@ -68,7 +68,7 @@ class Phase(enum.Enum):
 class CopyMode(enum.Enum):
     NONE = 0
     SIMPLE = 1    # COPY from a Query: ends at CopyDone/CopyFail
-    EXTENDED = 2  # COPY from an extended batch: ends at the Sync after CopyDone
+    EXTENDED = 2  # COPY from an extended batch: ends at the Sync after CopyDone/CopyFail
 
 
 class PrimaryLink(asyncio.Protocol):
@@ -129,14 +129,18 @@ class PgSession(asyncio.Protocol, ClientSession):
         self._fcur = -1               # type of that frame (-1: none)
         self._ftail = b""             # a split frame header
         self._pieces: list[bytes] = []  # bytes of the unit being cut (mirrored only)
+        self._held = 0                # their size (counted past _max_unit, not kept)
+        self._max_unit = 0            # the largest unit any mirror could take
+        self._open = False            # a unit has started and not been cut
+        self._last_unit: Unit | None = None
+        self._last_term = -1          # the type of the frame that cut the last unit
         self._copy = CopyMode.NONE
-        self._copy_unit: Unit | None = None
-        self._copy_end_kind = -1      # CopyDone or CopyFail seen in an extended COPY
+        self._copy_end = -1           # CopyDone or CopyFail seen
         # Backend scanning state.
         self._bskip = 0
         self._btail = b""
-        # Units sent and not yet answered: (time sent, unit or None, terminator).
-        self._pending: collections.deque[tuple[float, Unit | None, int]] = collections.deque()
+        # Units sent and not yet answered: (time sent, unit if mirrored).
+        self._pending: collections.deque[tuple[float, Unit | None]] = collections.deque()
 
     # ---------------------------------------------------------------- client side
 
@@ -311,6 +315,7 @@ class PgSession(asyncio.Protocol, ClientSession):
             mirrors = self.handler.open_mirrors(self)
             if mirrors.sessions:
                 self.mirrors = mirrors  # it counts the skipped mirrors itself
+                self._max_unit = max(m.mirror.config.queue_bytes for m in mirrors.sessions)
             else:
                 self._skipped = mirrors.skipped
         if rest:
@@ -326,7 +331,6 @@ class PgSession(asyncio.Protocol, ClientSession):
         n = len(data)
         pos = self._fskip
         start = 0  # first byte of data not yet given to a unit
-        mirrored = self.mirrors is not None
         if pos <= n and self._fcur >= 0:
             start = self._frame_end(self._fcur, data, start, pos)
         while pos < n:
@@ -334,14 +338,17 @@ class PgSession(asyncio.Protocol, ClientSession):
                 self._ftail = data[pos:]
                 self._fcur = -1
                 self._fskip = 0
-                if mirrored:
-                    self._hold(data, start, pos)
+                self._hold(data, start, pos)
                 return
             kind = data[pos]
             length = _len(data, pos + 1)[0]
             if length < 4:
                 self._desynchronised("client", kind, length)
                 return
+            if 0x63 <= kind <= 0x66 and self._copy is CopyMode.NONE and not self._open:
+                # CopyData/CopyDone/CopyFail ('d', 'c', 'f'): a COPY's data
+                # starts here, before any of its bytes are held.
+                self._copy_starts()
             pos += 1 + length
             if pos <= n:
                 start = self._frame_end(kind, data, start, pos)
@@ -352,63 +359,100 @@ class PgSession(asyncio.Protocol, ClientSession):
         else:
             self._fskip = 0
             self._fcur = -1
-        if mirrored and start < n:
+        if start < n:
             self._hold(data, start, n)
 
     def _hold(self, data: bytes, start: int, end: int) -> None:
-        """Keep client bytes that belong to the unit still being cut."""
-        if start >= end:
+        """Keep client bytes that belong to a unit not yet complete."""
+        if start >= end or self.mirrors is None:
             return
         chunk = data if (start == 0 and end == len(data)) else data[start:end]
-        if self._copy is not CopyMode.NONE and self._copy_unit is not None:
-            self.mirrors.extend(self._copy_unit, chunk)  # type: ignore[union-attr]
-        else:
+        if self._copy is not CopyMode.NONE:
+            if self._last_unit is not None:
+                self.mirrors.extend(self._last_unit, chunk)
+        elif self._held < self._max_unit:
             self._pieces.append(chunk)
+            self._held += len(chunk)
+        else:
+            self._held += len(chunk)  # too large to mirror: count it, keep nothing
 
     def _frame_end(self, kind: int, data: bytes, start: int, end: int) -> int:
-        """A frame of type ``kind`` ended at ``end`` in ``data``; cut a unit there if due.
+        """A client frame of type ``kind`` ended at ``end`` in ``data``.
+
+        Cuts a unit there if the frame ends one, and follows COPY: CopyData,
+        CopyDone and CopyFail from a client only ever belong to the COPY that
+        the last unit started, so the client's stream alone says where a COPY
+        ends, whether or not the primary's CopyInResponse has been read yet.
 
         :returns: the new start of bytes not yet given to a unit.
         """
         copy = self._copy
-        if copy is not CopyMode.NONE:
-            if kind == _F_COPY_DONE or kind == _F_COPY_FAIL:
+        if kind == _F_COPY_DATA or kind == _F_COPY_DONE or kind == _F_COPY_FAIL:
+            if copy is CopyMode.NONE:
+                return start  # part of a batch still being sent (no Sync yet)
+            if kind != _F_COPY_DATA:
+                self._copy_end = kind
                 if copy is CopyMode.SIMPLE:
-                    return self._copy_finished(data, start, end, kind)
-                self._copy_end_kind = kind
-            elif kind == _F_SYNC and copy is CopyMode.EXTENDED:
-                return self._copy_finished(data, start, end, self._copy_end_kind)
+                    return self._copy_finished(data, start, end)
             return start
+        if copy is CopyMode.EXTENDED:
+            if kind == _F_SYNC and self._copy_end >= 0:
+                return self._copy_finished(data, start, end)
+            return start  # Flush, or the next batch pipelined before the Sync
+        if copy is CopyMode.SIMPLE:
+            # The client left copy-in without CopyDone/CopyFail (out of
+            # protocol; the primary will say so). Stop treating data as COPY.
+            self._copy_finished(data, start, start)
         if kind == _F_SYNC or kind == _F_QUERY or kind == _F_FUNCTION_CALL:
             unit = None
-            if self.mirrors is not None:
+            mirrors = self.mirrors
+            if mirrors is not None:
                 pieces = self._pieces
-                if pieces:
-                    pieces.append(data[start:end])
-                    raw = b"".join(pieces)
+                if self._held + end - start > self._max_unit:
+                    # Over every mirror's byte budget: offer its size only, so
+                    # it is counted too_large and its transaction dropped.
+                    unit = Unit(b"", closed=False)
+                    unit.size = self._held + end - start
                     pieces.clear()
-                elif start == 0 and end == len(data):
-                    raw = data
                 else:
-                    raw = data[start:end]
-                self.statements.note(raw)
-                unit = Unit(raw, closed=False)
-                self.mirrors.offer(unit)
+                    if pieces:
+                        pieces.append(data[start:end])
+                        raw = b"".join(pieces)
+                        pieces.clear()
+                    elif start == 0 and end == len(data):
+                        raw = data
+                    else:
+                        raw = data[start:end]
+                    self.statements.note(raw)
+                    unit = Unit(raw, closed=False)
+                self._held = 0
+                mirrors.offer(unit)
             elif self._skipped:
                 for stats in self._skipped:
                     stats.skipped += 1
-            self._pending.append((_clock(), unit, kind))
+            self._pending.append((_clock(), unit))
+            self._last_unit = unit
+            self._last_term = kind
+            self._open = False
             return end
+        self._open = True
         return start
 
-    def _copy_finished(self, data: bytes, start: int, end: int, how: int) -> int:
-        unit = self._copy_unit
+    def _copy_starts(self) -> None:
+        # "The backend will ignore Flush and Sync messages received during
+        # copy-in mode": a COPY from an extended batch ends at the Sync after
+        # CopyDone, which earns the batch's only ReadyForQuery.
+        self._copy = CopyMode.EXTENDED if self._last_term == _F_SYNC else CopyMode.SIMPLE
+        self._copy_end = -1
+
+    def _copy_finished(self, data: bytes, start: int, end: int) -> int:
+        unit = self._last_unit
         if unit is not None and self.mirrors is not None and end > start:
             self.mirrors.extend(unit, data[start:end])
         if unit is not None:
-            unit.meta = how  # CopyDone or CopyFail reached the unit
+            unit.meta = self._copy_end  # CopyDone or CopyFail reached the unit
         self._copy = CopyMode.NONE
-        self._copy_unit = None
+        self._copy_end = -1
         return end
 
     def _scan_back(self, data: bytes) -> None:
@@ -436,8 +480,6 @@ class PgSession(asyncio.Protocol, ClientSession):
             if length < 4:
                 self._desynchronised("primary", kind, length)
                 return
-            if kind == _B_COPY_IN:
-                self._copy_started()
             pos += 1 + length
         self._bskip = pos - n
 
@@ -446,27 +488,13 @@ class PgSession(asyncio.Protocol, ClientSession):
         pending = self._pending
         if not pending:
             return  # e.g. the extra ReadyForQuery of an error during start-up
-        sent, unit, _ = pending.popleft()
+        sent, unit = pending.popleft()
         stats = self.stats
         stats.primary_units += 1
         stats.primary_latency.observe(_clock() - sent)
         if unit is not None:
             unit.settle(status)
             unit.close()
-
-    def _copy_started(self) -> None:
-        """CopyInResponse: the client now streams data for the oldest pending unit."""
-        if not self._pending:
-            return
-        _, unit, terminator = self._pending[0]
-        # "The backend will ignore Flush and Sync messages received during
-        # copy-in mode": a COPY from an extended batch ends at the Sync after
-        # CopyDone, and its first Sync earns no ReadyForQuery of its own.
-        self._copy = CopyMode.EXTENDED if terminator == _F_SYNC else CopyMode.SIMPLE
-        self._copy_end_kind = -1
-        self._copy_unit = unit
-        if unit is not None:
-            unit.meta = None
 
     def _desynchronised(self, side: str, kind: int, length: int) -> None:
         # The primary judges client bytes itself (and will answer with an error);
@@ -482,13 +510,11 @@ class PgSession(asyncio.Protocol, ClientSession):
         mirrors = self.mirrors
         self.mirrors = None
         self._pieces.clear()
-        for _, unit, _ in self._pending:
+        self._held = 0
+        for _, unit in self._pending:
             if unit is not None:
                 unit.settle(None)
                 unit.close()
-        if self._copy_unit is not None:
-            self._copy_unit.close()
-            self._copy_unit = None
         if mirrors is not None:
             mirrors.close()
 
