@@ -62,12 +62,27 @@ def _cmd_run(args: argparse.Namespace) -> int:
     pm.hook.gateway_configured(config=config)
     try:
         anyio.run(run, config, registry)
+    except KeyboardInterrupt:
+        pass
+    except BaseExceptionGroup as group:
+        # The task group wraps a bind error (port in use, address not local).
+        oserrors, rest = group.split(OSError)
+        if rest is not None or oserrors is None:
+            raise
+        for exc in _leaves(oserrors):
+            logging.getLogger("mirrorgate").error("cannot serve: %s", exc)
+        return 1
     except OSError as exc:
         logging.getLogger("mirrorgate").error("cannot serve: %s", exc)
         return 1
-    except KeyboardInterrupt:
-        pass
     return 0
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
 
 
 def _cmd_version(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import collections
+import logging
 import random
 import time
 from collections.abc import AsyncIterator, Callable
@@ -31,6 +32,7 @@ __all__ = [
 ]
 
 _clock = time.monotonic
+log = logging.getLogger("mirrorgate.mirror")
 
 
 class MirrorUnavailable(Exception):
@@ -194,6 +196,7 @@ class MirrorSession:
         self._closed = False
         self._aborted = False
         self._skip_requested = False
+        self._bug_logged = False
         self._current: Unit | None = None
 
     # -- the offering side (synchronous, called from the protocol relay) --
@@ -374,6 +377,14 @@ class MirrorSession:
                     reason = DropReason.MIRROR_ERROR
                 except UnitCut as cut:
                     reason = cut.reason
+                except Exception:
+                    # A replayer bug costs this unit, never the gateway: other
+                    # sessions and listeners share the process.
+                    if not self._bug_logged:
+                        self._bug_logged = True
+                        log.exception("mirror %s: replayer failed; unit dropped as mirror_error",
+                                      self.mirror.name)
+                    reason = DropReason.MIRROR_ERROR
                 finally:
                     self._current = None
                 if reason is None:
@@ -399,8 +410,8 @@ class MirrorSession:
         if not self._aborted:
             try:
                 await self.replayer.abort_group()
-            except (MirrorError, MirrorTimeout, MirrorUnavailable):
-                pass  # the replayer resets its connection; nothing is left to undo
+            except Exception:  # noqa: BLE001 - a failed undo leaves nothing more to undo
+                pass
 
     def _drop_rest(self, reason: DropReason) -> None:
         if self._current is not None:
