@@ -187,6 +187,7 @@ class MirrorSession:
         self.stats = mirror.stats
         self.replayer = replayer
         self._q: collections.deque[Unit | _Dropped] = collections.deque()
+        self._units = 0  # units in _q (drop markers take no slot)
         self._limit = mirror.config.queue
         self._budget = mirror.config.queue_bytes
         # unit -> [bytes charged, next chunk to read, chunks accepted]
@@ -214,11 +215,12 @@ class MirrorSession:
         elif self.replayer.unavailable():
             stats.offer_dropped(DropReason.MIRROR_UNAVAILABLE)
             self._mark_dropped(unit)
-        elif len(self._q) >= self._limit or stats.queued_bytes + size > self._budget:
+        elif self._units >= self._limit or stats.queued_bytes + size > self._budget:
             stats.offer_dropped(DropReason.QUEUE_FULL)
             self._mark_dropped(unit)
         else:
             self._q.append(unit)
+            self._units += 1
             self._held[unit] = [size, len(unit.chunks), len(unit.chunks)]
             stats.offer_queued(size)
             self._wake()
@@ -262,6 +264,7 @@ class MirrorSession:
         while self._q:
             item = self._q.popleft()
             if isinstance(item, Unit):
+                self._units -= 1
                 self.stats.queued_dropped(reason)
                 self._finish(item)
         self._wake()
@@ -340,7 +343,10 @@ class MirrorSession:
                 await fut
             finally:
                 self._waiter = None
-        return self._q.popleft()
+        item = self._q.popleft()
+        if isinstance(item, Unit):
+            self._units -= 1
+        return item
 
     async def run(self) -> None:
         """Drain the queue in order until the session closes; never raises."""
@@ -421,12 +427,13 @@ class MirrorSession:
         while self._q:
             item = self._q.popleft()
             if isinstance(item, Unit):
+                self._units -= 1
                 self.stats.queued_dropped(reason)
                 self._finish(item)
 
     def __repr__(self) -> str:
         return (
-            f"<MirrorSession {self.mirror.name} queued={len(self._q)} "
+            f"<MirrorSession {self.mirror.name} queued={self._units} "
             f"closed={self._closed} current={self._current!r}>"
         )
 

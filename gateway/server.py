@@ -118,12 +118,11 @@ class Gateway:
             while self._busy():
                 await anyio.sleep(0.05)
         left_sessions = sum(len(c.sessions) for c in self.contexts)
-        left_units = 0
+        before = self._shutdown_drops()
         for ctx in self.contexts:
             for session in list(ctx.sessions):
                 session.abort()
             for mirror in ctx.mirrors:
-                left_units += mirror.stats.queued + mirror.stats.in_flight
                 for ms in list(mirror.sessions):
                     ms.abort(DropReason.SHUTDOWN)
         # Workers see their aborted queues and end; give them a moment to close
@@ -139,7 +138,11 @@ class Gateway:
         for pool in self.pools.values():
             pool.close_idle()
         log.info("stopped: %d sessions cut, %d mirror units dropped as shutdown",
-                 left_sessions, left_units)
+                 left_sessions, self._shutdown_drops() - before)
+
+    def _shutdown_drops(self) -> int:
+        return sum(m.stats.dropped[DropReason.SHUTDOWN]
+                   for c in self.contexts for m in c.mirrors)
 
 
 async def _watch_signals(gateway: Gateway) -> None:
