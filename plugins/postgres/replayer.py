@@ -30,13 +30,13 @@ from gateway import (
 
 from . import codec
 from .auth import AuthFailed, MirrorAuth
-from .statements import StatementRegistry, frames, resets_statements
+from .statements import StatementRegistry, deallocated_statement, frames, resets_statements
 
 log = logging.getLogger("mirrorgate.postgres.mirror")
 
 _len = struct.Struct("!i").unpack_from
 _READY, _ERROR, _COPY_IN, _COPY_OUT, _COPY_BOTH = (ord(c) for c in "ZEGHW")
-_AUTH, _KEY = ord("R"), ord("K")
+_AUTH, _KEY, _PARSE_COMPLETE = ord("R"), ord("K"), ord("1")
 _PARSE, _BIND, _DESCRIBE, _CLOSE, _QUERY = (ord(c) for c in "PBDCQ")
 _NOISE = frozenset(ord(c) for c in "ANS")  # notification, notice, parameter status
 _IDLE, _IN_TX, _FAILED = ord("I"), ord("T"), ord("E")
@@ -178,6 +178,11 @@ class PgReplayer(Replayer):
         self.conn: MirrorConn | None = None
         self._refused: str | None = None  # this session cannot log in to the mirror
         self._running = False
+        # The primary failed a statement of the open transaction that the mirror
+        # ran (so the mirror is in T where the primary is in E): the mirror keeps
+        # its transaction in case the client recovers (ROLLBACK TO SAVEPOINT),
+        # and is rolled back before the unit that ends the primary's.
+        self._diverged = False
 
     # -- connection --
 
@@ -186,7 +191,13 @@ class PgReplayer(Replayer):
         if conn is not None and conn.lost is None:
             return conn
         if conn is not None:
+            in_transaction = conn.status != _IDLE
             self._drop_conn()
+            if in_transaction:
+                # A new connection would run the rest of the transaction in
+                # autocommit: drop it instead (the core drops the rest of the
+                # group) and reconnect at the next transaction boundary.
+                raise MirrorError("mirror connection lost inside a transaction")
         if self._refused is not None:
             raise MirrorUnavailable(self._refused)
         pool = self.pool
@@ -258,22 +269,30 @@ class PgReplayer(Replayer):
     def _drop_conn(self) -> None:
         conn = self.conn
         self.conn = None
+        self._diverged = False
         if conn is not None:
             conn.close()
             self.pool.discard()
 
     # -- delivering --
 
-    def _with_statements(self, conn: MirrorConn, data: bytes) -> bytes:
-        """Prefix Parse frames for named statements this mirror connection lacks."""
+    def _with_statements(self, conn: MirrorConn, data: bytes) -> tuple[bytes, list[bytes]]:
+        """Prefix Parse frames for named statements this mirror connection lacks.
+
+        :returns: the bytes to send, and the names of every Parse in them in
+            order (b"" for the unnamed statement), to be confirmed by the
+            mirror's ParseComplete answers.
+        """
         prepared = conn.prepared
-        missing: list[bytes] | None = None
+        pending: set[bytes] = set()  # parsed earlier in this unit
+        missing: list[bytes] = []
+        parses: list[bytes] = []
         view = memoryview(data)
         for kind, body, end in frames(data):
             if kind == _PARSE:
                 name = codec.statement_name_of_parse(view[body:end])
-                if name:
-                    prepared.add(name)
+                parses.append(name)
+                pending.add(name)
             elif kind == _BIND or kind == _DESCRIBE:
                 if kind == _BIND:
                     name = codec.statement_name_of_bind(view[body:end])
@@ -281,24 +300,42 @@ class PgReplayer(Replayer):
                     what, name = codec.describe_target(view[body:end])
                     if what != b"S":
                         continue
-                if name and name not in prepared:
+                if name and name not in prepared and name not in pending:
                     parse = self.statements.get(name)
                     if parse is not None:
-                        (missing := missing or []).append(parse)
-                        prepared.add(name)
+                        missing.append(parse)
+                        pending.add(name)
             elif kind == _CLOSE:
                 what, name = codec.close_target(view[body:end])
                 if what == b"S":
                     prepared.discard(name)
-            elif kind == _QUERY and resets_statements(view[body:end]):
-                prepared.clear()
+                    pending.discard(name)
+            elif kind == _QUERY:
+                sql = view[body:end]
+                if resets_statements(sql):
+                    prepared.clear()
+                    pending.clear()
+                elif (gone := deallocated_statement(sql)) is not None:
+                    prepared.discard(gone)
+                    pending.discard(gone)
         if missing:
-            return b"".join(missing) + data
-        return data
+            # The injected Parses run first, so their names come first.
+            injected = [codec.statement_name_of_parse(memoryview(p)[5:]) for p in missing]
+            return b"".join(missing) + data, injected + parses
+        return data, parses
 
     async def deliver(self, unit: Unit, session: MirrorSession) -> str:
         conn = await self._connection()
-        data = self._with_statements(conn, unit.data)
+        if self._diverged and conn.status == _IN_TX:
+            # The primary's transaction is aborted, the mirror's is not: if this
+            # unit ends the primary's (its COMMIT is a rollback there), the
+            # mirror must not commit it. The primary's answer tells.
+            primary = unit.result if unit.settled else await unit.wait_settled()
+            if primary != _IN_TX and primary != _FAILED:
+                await self.abort_group()
+            conn = await self._connection()
+        data, parses = self._with_statements(conn, unit.data)
+        parsed = 0  # ParseComplete answers: the first `parsed` Parses took
         failed = False
         self._running = True
         conn.busy = True
@@ -310,7 +347,9 @@ class PgReplayer(Replayer):
                     if kind == _READY:
                         conn.status = body[0]
                         break
-                    if kind == _ERROR:
+                    if kind == _PARSE_COMPLETE:
+                        parsed += 1
+                    elif kind == _ERROR:
                         failed = True
                     elif kind == _COPY_IN:
                         await self._stream_copy(unit, session, conn, deadline)
@@ -331,6 +370,9 @@ class PgReplayer(Replayer):
             self._running = False
             if self.conn is not None:
                 self.conn.busy = False
+        # "ParseComplete" answers each Parse that succeeded; after an error the
+        # server skips to Sync, so the Parses past the count did not happen.
+        conn.prepared.update(name for name in parses[:parsed] if name)
         await self._follow_primary(unit, conn, session)
         return "error" if failed else "ok"
 
@@ -366,14 +408,19 @@ class PgReplayer(Replayer):
         """Keep the mirror's transaction state in step with the primary's."""
         primary = unit.result if unit.settled else await unit.wait_settled()
         mirror = conn.status
+        if primary == _IN_TX:
+            self._diverged = False  # in step again (e.g. ROLLBACK TO SAVEPOINT)
         if primary is None or primary == mirror:
             return
-        if primary == _IDLE or (primary == _FAILED and mirror == _IN_TX):
-            # The primary ended or failed the transaction the mirror is still
-            # in: roll the mirror back rather than let it commit on its own.
+        if primary == _FAILED and mirror == _IN_TX:
+            # A statement failed on the primary alone. The client may recover
+            # (ROLLBACK TO SAVEPOINT undoes the mirror's run of it too) or end
+            # the transaction; deliver() rolls the mirror back in the latter case.
+            self._diverged = True
+        elif primary == _IDLE:
+            # The primary ended the transaction the mirror is still in: roll
+            # the mirror back rather than let it commit on its own.
             await self.abort_group()
-            if primary == _FAILED:
-                session.skip_rest_of_group()
 
     # -- the Replayer contract --
 
@@ -388,6 +435,7 @@ class PgReplayer(Replayer):
         return status is None or status == _IDLE
 
     async def abort_group(self) -> None:
+        self._diverged = False
         conn = self.conn
         if conn is None or conn.lost is not None or conn.status == _IDLE:
             return

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 from . import codec
 
-__all__ = ["StatementRegistry", "frames", "resets_statements"]
+__all__ = ["StatementRegistry", "deallocated_statement", "frames", "resets_statements"]
 
 MAX_STATEMENTS = 10_000
 MAX_BYTES = 16 * 1024 * 1024
@@ -24,6 +24,12 @@ _len = struct.Struct("!i").unpack_from
 _PARSE, _CLOSE, _QUERY = ord("P"), ord("C"), ord("Q")
 # DISCARD ALL and DEALLOCATE ALL drop every prepared statement of the session.
 _RESET = re.compile(rb"\s*(?:DISCARD\s+ALL|DEALLOCATE\s+(?:PREPARE\s+)?ALL)\b", re.IGNORECASE)
+# DEALLOCATE of one statement, as the whole Query (psycopg sends "DEALLOCATE _pg3_0"
+# when its prepared-statement cache evicts one). Named statements of the
+# protocol and of SQL PREPARE share one namespace, so this forgets a Parse too.
+_DEALLOCATE_ONE = re.compile(
+    rb'\s*DEALLOCATE\s+(?:PREPARE\s+)?(?!ALL\b)("(?:[^"\x00]|"")+"|[A-Za-z_\x80-\xff][\w$\x80-\xff]*)'
+    rb"\s*;?\s*\x00?\Z", re.IGNORECASE)
 
 
 def frames(data: bytes) -> Iterator[tuple[int, int, int]]:
@@ -40,6 +46,21 @@ def frames(data: bytes) -> Iterator[tuple[int, int, int]]:
 
 def resets_statements(sql_body: bytes | memoryview) -> bool:
     return _RESET.match(sql_body) is not None
+
+
+def deallocated_statement(sql_body: bytes | memoryview) -> bytes | None:
+    """The statement name a Query that is ``DEALLOCATE name`` drops, else None.
+
+    An unquoted name is folded to lower case, as the server does; a quoted one
+    is taken as written.
+    """
+    m = _DEALLOCATE_ONE.match(sql_body)
+    if m is None:
+        return None
+    name = m.group(1)
+    if name.startswith(b'"'):
+        return name[1:-1].replace(b'""', b'"')
+    return name.lower()
 
 
 class StatementRegistry:
@@ -63,9 +84,13 @@ class StatementRegistry:
                 what, name = codec.close_target(view[body:end])
                 if what == b"S":
                     self._remove(name)
-            elif kind == _QUERY and resets_statements(view[body:end]):
-                self._parses.clear()
-                self._bytes = 0
+            elif kind == _QUERY:
+                sql = view[body:end]
+                if resets_statements(sql):
+                    self._parses.clear()
+                    self._bytes = 0
+                elif (gone := deallocated_statement(sql)) is not None:
+                    self._remove(gone)
 
     def _add(self, name: bytes, frame: bytes) -> None:
         self._remove(name)
