@@ -40,6 +40,8 @@ _F_FUNCTION_CALL = ord("F")
 _F_COPY_DATA = ord("d")
 _F_COPY_DONE = ord("c")
 _F_COPY_FAIL = ord("f")
+# Frames that change a session's named statements: Parse, Close, Query.
+_STATEMENT_FRAMES = frozenset(b"PCQ")
 # Backend type bytes.
 _B_READY = ord("Z")
 _B_AUTH = ord("R")
@@ -332,7 +334,7 @@ class PgSession(asyncio.Protocol, ClientSession):
         pos = self._fskip
         start = 0  # first byte of data not yet given to a unit
         if pos <= n and self._fcur >= 0:
-            start = self._frame_end(self._fcur, data, start, pos)
+            start = self._frame_end(self._fcur, data, start, pos, -1)
         while pos < n:
             if n - pos < _HEADER:
                 self._ftail = data[pos:]
@@ -349,9 +351,10 @@ class PgSession(asyncio.Protocol, ClientSession):
                 # CopyData/CopyDone/CopyFail ('d', 'c', 'f'): a COPY's data
                 # starts here, before any of its bytes are held.
                 self._copy_starts()
+            begin = pos
             pos += 1 + length
             if pos <= n:
-                start = self._frame_end(kind, data, start, pos)
+                start = self._frame_end(kind, data, start, pos, begin)
             else:
                 self._fcur = kind
         if pos > n:
@@ -376,8 +379,10 @@ class PgSession(asyncio.Protocol, ClientSession):
         else:
             self._held += len(chunk)  # too large to mirror: count it, keep nothing
 
-    def _frame_end(self, kind: int, data: bytes, start: int, end: int) -> int:
+    def _frame_end(self, kind: int, data: bytes, start: int, end: int, begin: int) -> int:
         """A client frame of type ``kind`` ended at ``end`` in ``data``.
+
+        ``begin`` is where it started in ``data``, or -1 if in an earlier chunk.
 
         Cuts a unit there if the frame ends one, and follows COPY: CopyData,
         CopyDone and CopyFail from a client only ever belong to the COPY that
@@ -403,6 +408,11 @@ class PgSession(asyncio.Protocol, ClientSession):
             # The client left copy-in without CopyDone/CopyFail (out of
             # protocol; the primary will say so). Stop treating data as COPY.
             self._copy_finished(data, start, start)
+        if (self._held >= self._max_unit and begin >= 0 and kind in _STATEMENT_FRAMES
+                and self.mirrors is not None):
+            # A unit too large to mirror keeps no bytes, but what it does to
+            # named statements (Parse, Close, DEALLOCATE) must still be known.
+            self.statements.note(data[begin:end])
         if kind == _F_SYNC or kind == _F_QUERY or kind == _F_FUNCTION_CALL:
             unit = None
             mirrors = self.mirrors
@@ -413,6 +423,13 @@ class PgSession(asyncio.Protocol, ClientSession):
                     # it is counted too_large and its transaction dropped.
                     unit = Unit(b"", closed=False)
                     unit.size = self._held + end - start
+                    if self._held < self._max_unit:
+                        # Everything since the unit began is still here.
+                        self.statements.note(b"".join((*pieces, data[start:end])))
+                    elif pieces:
+                        # The bytes kept before the budget ran out; the frames
+                        # after it were noted one by one as they ended.
+                        self.statements.note(b"".join(pieces))
                     pieces.clear()
                 else:
                     if pieces:

@@ -70,11 +70,6 @@ def _grant(db: str, user: str, *clusters: PgCluster) -> None:
 # ----------------------------------------------------------------------------- prepared
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "relay.py PgSession._frame_end: a unit over every mirror's queue_bytes is offered as "
-    "Unit(b'') without statements.note(), so the StatementRegistry never learns a Parse "
-    "that came in such a unit and the mirror cannot re-prepare it: every later Bind of "
-    "that statement is an outcome 'error' on the mirror"))
 def test_prepared_statement_whose_parse_was_too_large_is_reprepared_on_mirror(
     gateway: GatewayFactory, fresh_db: str, pg_primary: PgCluster, pg_mirror: PgCluster,
 ) -> None:
