@@ -40,8 +40,24 @@ _F_FUNCTION_CALL = ord("F")
 _F_COPY_DATA = ord("d")
 _F_COPY_DONE = ord("c")
 _F_COPY_FAIL = ord("f")
-# Frames that change a session's named statements: Parse, Close, Query.
-_STATEMENT_FRAMES = frozenset(b"PCQ")
+# What the frontend scanner does with each type byte: 0 step over it, else
+# call _frame_end. A table read through a local is the cheapest dispatch in
+# CPython, and most client frames (Bind, Execute, Describe) need nothing.
+_UNIT_END, _COPY_FRAME, _STATEMENT = 1, 2, 3
+
+
+def _actions(**kinds: bytes) -> bytes:
+    table = bytearray(256)
+    for action, types in ((_UNIT_END, kinds["unit_end"]), (_COPY_FRAME, kinds["copy"]),
+                          (_STATEMENT, kinds.get("statement", b""))):
+        for t in types:
+            table[t] = action
+    return bytes(table)
+
+
+_FRONT_ACTIONS = _actions(unit_end=b"SQF", copy=b"dcf")
+# While a unit is over the byte budget, Parse and Close must be seen too.
+_FRONT_ACTIONS_OVERSIZED = _actions(unit_end=b"SQF", copy=b"dcf", statement=b"PC")
 # Backend type bytes.
 _B_READY = ord("Z")
 _B_AUTH = ord("R")
@@ -73,14 +89,17 @@ class CopyMode(enum.Enum):
     EXTENDED = 2  # COPY from an extended batch: ends at the Sync after CopyDone/CopyFail
 
 
+_NO_COPY = CopyMode.NONE
+
+
 class PrimaryLink(asyncio.Protocol):
     """The gateway's connection to the primary for one client session."""
-
-    __slots__ = ("session", "transport")
 
     def __init__(self, session: PgSession) -> None:
         self.session = session
         self.transport: asyncio.Transport | None = None
+        # One call less per chunk: the event loop calls the session directly.
+        self.data_received = session.primary_data  # type: ignore[method-assign]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -113,6 +132,7 @@ class PgSession(asyncio.Protocol, ClientSession):
         self.client: asyncio.Transport | None = None
         self.primary: asyncio.Transport | None = None
         self.phase = Phase.STARTUP
+        self._relaying = False  # phase is READY: the per-chunk fast path
         self.startup: codec.StartupMessage | None = None
         self.peer = "?"
         self.mirrors: MirrorSet | None = None
@@ -155,7 +175,7 @@ class PgSession(asyncio.Protocol, ClientSession):
         self._timer = loop.call_later(self.ctx.startup_timeout, self._startup_expired)
 
     def data_received(self, data: bytes) -> None:
-        if self.phase is Phase.READY:
+        if self._relaying:
             self.primary.write(data)  # type: ignore[union-attr]
             self._scan_front(data)
         elif self.phase is Phase.RAW or self.phase is Phase.AUTH:
@@ -273,13 +293,15 @@ class PgSession(asyncio.Protocol, ClientSession):
     # ---------------------------------------------------------------- primary side
 
     def primary_data(self, data: bytes) -> None:
+        if self._relaying:
+            self.client.write(data)  # type: ignore[union-attr]
+            self._scan_back(data)
+            return
         client = self.client
         if client is None or client.is_closing():
             return
         client.write(data)
-        if self.phase is Phase.READY:
-            self._scan_back(data)
-        elif self.phase is Phase.AUTH:
+        if self.phase is Phase.AUTH:
             self._auth_back(data)
 
     def primary_lost(self, exc: Exception | None) -> None:
@@ -309,6 +331,7 @@ class PgSession(asyncio.Protocol, ClientSession):
 
     def _ready(self, rest: bytes) -> None:
         self.phase = Phase.READY
+        self._relaying = True
         self._auth_reader = None
         if self._timer is not None:
             self._timer.cancel()
@@ -326,7 +349,12 @@ class PgSession(asyncio.Protocol, ClientSession):
     # ---------------------------------------------------------------- scanning
 
     def _scan_front(self, data: bytes) -> None:
-        """Find unit boundaries in client bytes already sent to the primary."""
+        """Find unit boundaries in client bytes already sent to the primary.
+
+        Runs once per chunk. Only frame headers are read; a frame whose type
+        matters (see _FRONT_ACTIONS) is handed to _frame_end, the rest are
+        stepped over without a call.
+        """
         if self._ftail:
             data = self._ftail + data
             self._ftail = b""
@@ -335,33 +363,45 @@ class PgSession(asyncio.Protocol, ClientSession):
         start = 0  # first byte of data not yet given to a unit
         if pos <= n and self._fcur >= 0:
             start = self._frame_end(self._fcur, data, start, pos, -1)
+        act = _FRONT_ACTIONS if self._held < self._max_unit else _FRONT_ACTIONS_OVERSIZED
+        unpack = _len
         while pos < n:
-            if n - pos < _HEADER:
+            if n - pos < 5:
                 self._ftail = data[pos:]
                 self._fcur = -1
                 self._fskip = 0
+                self._open = start < pos or (start == 0 and self._open)
                 self._hold(data, start, pos)
                 return
             kind = data[pos]
-            length = _len(data, pos + 1)[0]
+            length = unpack(data, pos + 1)[0]
             if length < 4:
                 self._desynchronised("client", kind, length)
                 return
-            if 0x63 <= kind <= 0x66 and self._copy is CopyMode.NONE and not self._open:
-                # CopyData/CopyDone/CopyFail ('d', 'c', 'f'): a COPY's data
-                # starts here, before any of its bytes are held.
-                self._copy_starts()
             begin = pos
             pos += 1 + length
-            if pos <= n:
-                start = self._frame_end(kind, data, start, pos, begin)
-            else:
-                self._fcur = kind
+            what = act[kind]
+            if what:
+                if what == _UNIT_END and pos <= n and self._copy is _NO_COPY:
+                    start = self._unit_end(kind, data, start, pos, begin)
+                    continue
+                if (what == _COPY_FRAME and self._copy is CopyMode.NONE
+                        and not (begin > start or (start == 0 and self._open))):
+                    # CopyData/CopyDone/CopyFail right after a cut unit: its
+                    # COPY's data starts here, before any of its bytes are held.
+                    self._copy_starts()
+                if pos <= n:
+                    start = self._frame_end(kind, data, start, pos, begin)
+                else:
+                    self._fcur = kind
+            elif pos > n:
+                self._fcur = -1
         if pos > n:
             self._fskip = pos - n
         else:
             self._fskip = 0
             self._fcur = -1
+        self._open = start < n or (start == 0 and self._open)
         if start < n:
             self._hold(data, start, n)
 
@@ -383,6 +423,7 @@ class PgSession(asyncio.Protocol, ClientSession):
         """A client frame of type ``kind`` ended at ``end`` in ``data``.
 
         ``begin`` is where it started in ``data``, or -1 if in an earlier chunk.
+        Only the types _FRONT_ACTIONS names come here.
 
         Cuts a unit there if the frame ends one, and follows COPY: CopyData,
         CopyDone and CopyFail from a client only ever belong to the COPY that
@@ -392,8 +433,10 @@ class PgSession(asyncio.Protocol, ClientSession):
         :returns: the new start of bytes not yet given to a unit.
         """
         copy = self._copy
+        if copy is _NO_COPY and (kind == 0x53 or kind == 0x51 or kind == 0x46):
+            return self._unit_end(kind, data, start, end, begin)  # Sync, Query, FunctionCall
         if kind == _F_COPY_DATA or kind == _F_COPY_DONE or kind == _F_COPY_FAIL:
-            if copy is CopyMode.NONE:
+            if copy is _NO_COPY:
                 return start  # part of a batch still being sent (no Sync yet)
             if kind != _F_COPY_DATA:
                 self._copy_end = kind
@@ -408,52 +451,58 @@ class PgSession(asyncio.Protocol, ClientSession):
             # The client left copy-in without CopyDone/CopyFail (out of
             # protocol; the primary will say so). Stop treating data as COPY.
             self._copy_finished(data, start, start)
-        if (self._held >= self._max_unit and begin >= 0 and kind in _STATEMENT_FRAMES
-                and self.mirrors is not None):
-            # A unit too large to mirror keeps no bytes, but what it does to
-            # named statements (Parse, Close, DEALLOCATE) must still be known.
-            self.statements.note(data[begin:end])
         if kind == _F_SYNC or kind == _F_QUERY or kind == _F_FUNCTION_CALL:
-            unit = None
-            mirrors = self.mirrors
-            if mirrors is not None:
-                pieces = self._pieces
-                if self._held + end - start > self._max_unit:
-                    # Over every mirror's byte budget: offer its size only, so
-                    # it is counted too_large and its transaction dropped.
-                    unit = Unit(b"", closed=False)
-                    unit.size = self._held + end - start
-                    if self._held < self._max_unit:
-                        # Everything since the unit began is still here.
-                        self.statements.note(b"".join((*pieces, data[start:end])))
-                    elif pieces:
-                        # The bytes kept before the budget ran out; the frames
-                        # after it were noted one by one as they ended.
-                        self.statements.note(b"".join(pieces))
-                    pieces.clear()
-                else:
-                    if pieces:
-                        pieces.append(data[start:end])
-                        raw = b"".join(pieces)
-                        pieces.clear()
-                    elif start == 0 and end == len(data):
-                        raw = data
-                    else:
-                        raw = data[start:end]
-                    self.statements.note(raw)
-                    unit = Unit(raw, closed=False)
-                self._held = 0
-                mirrors.offer(unit)
-            elif self._skipped:
-                for stats in self._skipped:
-                    stats.skipped += 1
-            self._pending.append((_clock(), unit))
-            self._last_unit = unit
-            self._last_term = kind
-            self._open = False
-            return end
-        self._open = True
+            return self._unit_end(kind, data, start, end, begin)
+        if begin >= 0 and self.mirrors is not None:
+            # Parse or Close in a unit too large to mirror: it keeps no bytes,
+            # but what it does to named statements must still be known.
+            self.statements.note(data[begin:end])
         return start
+
+    def _unit_end(self, kind: int, data: bytes, start: int, end: int, begin: int) -> int:
+        """Cut the unit that ends at ``end``: offer it, and await its ReadyForQuery."""
+        unit = None
+        mirrors = self.mirrors
+        if mirrors is not None:
+            pieces = self._pieces
+            held = self._held
+            if held + end - start > self._max_unit:
+                # Over every mirror's byte budget: offer its size only, so it
+                # is counted too_large and its transaction dropped; still note
+                # what it does to named statements.
+                unit = Unit(b"", closed=False)
+                unit.size = held + end - start
+                if held < self._max_unit:
+                    # Everything since the unit began is still here.
+                    self.statements.note(b"".join((*pieces, data[start:end])))
+                else:
+                    # The bytes kept before the budget ran out; frames after
+                    # it were noted one by one as they ended.
+                    if pieces:
+                        self.statements.note(b"".join(pieces))
+                    if begin >= 0:
+                        self.statements.note(data[begin:end])
+                pieces.clear()
+            else:
+                if pieces:
+                    pieces.append(data[start:end])
+                    raw = b"".join(pieces)
+                    pieces.clear()
+                elif start == 0 and end == len(data):
+                    raw = data
+                else:
+                    raw = data[start:end]
+                self.statements.note(raw)
+                unit = Unit(raw, closed=False)
+            self._held = 0
+            mirrors.offer(unit)
+        elif self._skipped:
+            for stats in self._skipped:
+                stats.skipped += 1
+        self._pending.append((_clock(), unit))
+        self._last_unit = unit
+        self._last_term = kind
+        return end
 
     def _copy_starts(self) -> None:
         # "The backend will ignore Flush and Sync messages received during
@@ -479,13 +528,14 @@ class PgSession(asyncio.Protocol, ClientSession):
             self._btail = b""
         n = len(data)
         pos = self._bskip
+        unpack = _len
         while pos < n:
-            if n - pos < _HEADER:
+            if n - pos < 5:
                 self._btail = data[pos:]
                 self._bskip = 0
                 return
             kind = data[pos]
-            if kind == _B_READY:
+            if kind == 0x5A:  # ReadyForQuery: 'Z', length 5, status byte
                 if n - pos < 6:
                     self._btail = data[pos:]
                     self._bskip = 0
@@ -493,7 +543,7 @@ class PgSession(asyncio.Protocol, ClientSession):
                 self._answered(data[pos + 5])
                 pos += 6
                 continue
-            length = _len(data, pos + 1)[0]
+            length = unpack(data, pos + 1)[0]
             if length < 4:
                 self._desynchronised("primary", kind, length)
                 return
@@ -519,6 +569,7 @@ class PgSession(asyncio.Protocol, ClientSession):
         log.warning("session %s: %s sent a frame with invalid length %d (type %r); "
                     "mirroring stops for this session", self.peer, side, length, chr(kind))
         self.phase = Phase.RAW
+        self._relaying = False
         self._stop_mirroring()
 
     # ---------------------------------------------------------------- ending
@@ -539,6 +590,7 @@ class PgSession(asyncio.Protocol, ClientSession):
         if self.phase is Phase.CLOSED:
             return
         self.phase = Phase.CLOSED
+        self._relaying = False
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -129,6 +129,7 @@ class Rig:
         s.client = self.client  # type: ignore[assignment]
         s.primary = self.primary  # type: ignore[assignment]
         s.phase = Phase.READY
+        s._relaying = True
         if mirrored:
             s.mirrors = self.mirrors  # type: ignore[assignment]
             s.statements = StatementRegistry()
