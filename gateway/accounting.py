@@ -30,6 +30,10 @@ class DropReason(enum.Enum):
     TRANSACTION_ABORTED = "transaction_aborted"
     SHUTDOWN = "shutdown"
 
+    # Counters are keyed by reason on the hot path; Enum's own __hash__ is a
+    # Python function (hash of the name), identity is enough for a singleton.
+    __hash__ = object.__hash__
+
 
 # Seconds: from 100 µs (a loopback Postgres point query) to 30 s.
 LATENCY_BUCKETS: tuple[float, ...] = (

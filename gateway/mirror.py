@@ -78,8 +78,11 @@ class Unit:
         self.data = data
         self.size = len(data)
         self.offered_at = _clock()
-        self.chunks: list[bytes | None] = []
-        self.refs: list[int] = []  # per chunk: mirror sessions yet to read it
+        # Chunks a streamed unit gained, and per chunk the mirror sessions yet
+        # to read it; shared empty tuples until MirrorSet.extend, since almost
+        # no unit grows.
+        self.chunks: list[bytes | None] = _NO_CHUNKS  # type: ignore[assignment]
+        self.refs: list[int] = _NO_CHUNKS  # type: ignore[assignment]
         self.closed = closed
         self.result: Any = None
         self.settled = False
@@ -100,11 +103,24 @@ class Unit:
         self._waiters.append(fut)
         await fut
 
+    def grow(self, chunk: bytes) -> None:
+        """Append a chunk (its readers are set by MirrorSet.extend)."""
+        if self.chunks is _NO_CHUNKS:
+            self.chunks, self.refs = [], []
+        self.chunks.append(chunk)
+        self.refs.append(0)
+        self.size += len(chunk)
+
     def settle(self, result: Any) -> None:
-        """Record the primary's verdict on this unit (called once, by the protocol)."""
+        """Record the primary's verdict on this unit; it gains no more chunks.
+
+        Called once, by the protocol.
+        """
         self.result = result
         self.settled = True
-        self._wake()
+        self.closed = True
+        if self._waiters:
+            self._wake()
 
     async def wait_settled(self) -> Any:
         while not self.settled:
@@ -121,6 +137,9 @@ class Unit:
             f"<Unit {self.size}B chunks={len(self.chunks)} closed={self.closed} "
             f"settled={self.settled} result={self.result!r}>"
         )
+
+
+_NO_CHUNKS: tuple[()] = ()
 
 
 class _Dropped:
@@ -507,9 +526,7 @@ class MirrorSet:
 
     def extend(self, unit: Unit, chunk: bytes) -> None:
         """Add a chunk to a streamed unit that was offered already."""
-        unit.chunks.append(chunk)
-        unit.refs.append(0)
-        unit.size += len(chunk)
+        unit.grow(chunk)
         readers = 0
         for s in self.sessions:
             readers += s.extend(unit, chunk)

@@ -80,7 +80,9 @@ class UpstreamPool(Generic[C]):
 
     def available(self) -> bool:
         """False while a failed upstream waits out its backoff."""
-        return _clock() >= self._retry_at
+        # Asked at every offer while a mirror is down: the clock is read only
+        # while a backoff is pending.
+        return self._retry_at == 0.0 or _clock() >= self._retry_at
 
     def connect_failed(self) -> None:
         self.failures += 1

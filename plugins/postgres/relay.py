@@ -43,19 +43,23 @@ _F_COPY_FAIL = ord("f")
 # What the frontend scanner does with each type byte: 0 step over it, else
 # call _frame_end. A table read through a local is the cheapest dispatch in
 # CPython, and most client frames (Bind, Execute, Describe) need nothing.
-_UNIT_END, _COPY_FRAME, _STATEMENT = 1, 2, 3
+_UNIT_END, _COPY_FRAME, _STATEMENT, _MARK_STATEMENT = 1, 2, 3, 4
 
 
 def _actions(**kinds: bytes) -> bytes:
     table = bytearray(256)
     for action, types in ((_UNIT_END, kinds["unit_end"]), (_COPY_FRAME, kinds["copy"]),
-                          (_STATEMENT, kinds.get("statement", b""))):
+                          (_STATEMENT, kinds.get("statement", b"")),
+                          (_MARK_STATEMENT, kinds.get("mark", b""))):
         for t in types:
             table[t] = action
     return bytes(table)
 
 
 _FRONT_ACTIONS = _actions(unit_end=b"SQF", copy=b"dcf")
+# A mirrored session notes a unit's statements only if it has a Parse or Close
+# (or is a Query, which may DEALLOCATE): most units are Bind/Execute/Sync.
+_FRONT_ACTIONS_MIRRORED = _actions(unit_end=b"SQF", copy=b"dcf", mark=b"PC")
 # While a unit is over the byte budget, Parse and Close must be seen too.
 _FRONT_ACTIONS_OVERSIZED = _actions(unit_end=b"SQF", copy=b"dcf", statement=b"PC")
 # Backend type bytes.
@@ -154,6 +158,7 @@ class PgSession(asyncio.Protocol, ClientSession):
         self._held = 0                # their size (counted past _max_unit, not kept)
         self._max_unit = 0            # the largest unit any mirror could take
         self._open = False            # a unit has started and not been cut
+        self._statements_seen = False  # the unit being cut has a Parse or Close
         self._last_unit: Unit | None = None
         self._last_term = -1          # the type of the frame that cut the last unit
         self._copy = CopyMode.NONE
@@ -363,7 +368,12 @@ class PgSession(asyncio.Protocol, ClientSession):
         start = 0  # first byte of data not yet given to a unit
         if pos <= n and self._fcur >= 0:
             start = self._frame_end(self._fcur, data, start, pos, -1)
-        act = _FRONT_ACTIONS if self._held < self._max_unit else _FRONT_ACTIONS_OVERSIZED
+        if self.mirrors is None:
+            act = _FRONT_ACTIONS
+        elif self._held < self._max_unit:
+            act = _FRONT_ACTIONS_MIRRORED
+        else:
+            act = _FRONT_ACTIONS_OVERSIZED
         unpack = _len
         while pos < n:
             if n - pos < 5:
@@ -384,6 +394,11 @@ class PgSession(asyncio.Protocol, ClientSession):
             if what:
                 if what == _UNIT_END and pos <= n and self._copy is _NO_COPY:
                     start = self._unit_end(kind, data, start, pos, begin)
+                    continue
+                if what == _MARK_STATEMENT:
+                    self._statements_seen = True
+                    if pos > n:
+                        self._fcur = -1
                     continue
                 if (what == _COPY_FRAME and self._copy is CopyMode.NONE
                         and not (begin > start or (start == 0 and self._open))):
@@ -492,9 +507,11 @@ class PgSession(asyncio.Protocol, ClientSession):
                     raw = data
                 else:
                     raw = data[start:end]
-                self.statements.note(raw)
+                if self._statements_seen or kind == 0x51:  # Parse/Close in it, or a Query
+                    self.statements.note(raw)
                 unit = Unit(raw, closed=False)
             self._held = 0
+            self._statements_seen = False
             mirrors.offer(unit)
         elif self._skipped:
             for stats in self._skipped:
@@ -561,7 +578,6 @@ class PgSession(asyncio.Protocol, ClientSession):
         stats.primary_latency.observe(_clock() - sent)
         if unit is not None:
             unit.settle(status)
-            unit.close()
 
     def _desynchronised(self, side: str, kind: int, length: int) -> None:
         # The primary judges client bytes itself (and will answer with an error);
@@ -582,7 +598,6 @@ class PgSession(asyncio.Protocol, ClientSession):
         for _, unit in self._pending:
             if unit is not None:
                 unit.settle(None)
-                unit.close()
         if mirrors is not None:
             mirrors.close()
 

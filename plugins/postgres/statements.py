@@ -73,9 +73,25 @@ class StatementRegistry:
         self._bytes = 0
 
     def note(self, data: bytes) -> None:
-        """Record what a unit does to the session's named statements."""
-        view = memoryview(data)
-        for kind, body, end in frames(data):
+        """Record what a unit does to the session's named statements.
+
+        Runs for every mirrored unit, so it steps over frames in a plain loop
+        and reads a body only for Parse, Close and Query.
+        """
+        pos, n, unpack = 0, len(data), _len
+        view: memoryview | None = None
+        while n - pos >= 5:
+            kind = data[pos]
+            length = unpack(data, pos + 1)[0]
+            end = pos + 1 + length
+            if length < 4 or end > n:
+                return
+            body = pos + 5
+            pos = end
+            if kind != _PARSE and kind != _CLOSE and kind != _QUERY:
+                continue
+            if view is None:
+                view = memoryview(data)
             if kind == _PARSE:
                 name = codec.statement_name_of_parse(view[body:end])
                 if name:

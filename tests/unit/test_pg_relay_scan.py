@@ -80,9 +80,7 @@ class RecordingMirrors:
 
     def extend(self, unit: Unit, chunk: bytes) -> None:
         self.extended.append((unit, chunk))
-        unit.chunks.append(chunk)
-        unit.refs.append(0)
-        unit.size += len(chunk)
+        unit.grow(chunk)
 
     def close(self) -> None:
         self.closed = True
