@@ -200,6 +200,22 @@ def test_ssl_request_gets_one_N_then_a_normal_startup_works(served: Served) -> N
     served.assert_healthy()
 
 
+def test_newer_protocol_minor_gets_the_primarys_negotiate_protocol_version(
+    served: Served,
+) -> None:
+    # A 3.2 startup with an option the server does not know: the primary (15)
+    # answers NegotiateProtocolVersion ('v'), which the gateway relays as it is,
+    # and the session goes on in 3.0.
+    seen: list[bytes] = []
+    sock = raw_login(served.ports.listen, "postgres", DEFAULT_PASSWORD, "postgres",
+                     version=(3 << 16) | 2, params={"_pq_.mirrorgate_test": "1"}, seen=seen)
+    assert seen[0] == b"v", seen
+    frames = simple_query(sock, "SELECT 40 + 2")
+    assert (b"D", struct.pack("!hi", 1, 2) + b"42") in frames
+    sock.close()
+    served.assert_healthy()
+
+
 def test_ssl_request_with_bytes_after_it_in_one_write_is_refused(served: Served) -> None:
     # CVE-2021-23214: bytes sent before the answer to SSLRequest must not be
     # taken as part of the (would-be encrypted) session.

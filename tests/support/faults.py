@@ -342,16 +342,22 @@ def raw_login(
     host: str = "127.0.0.1",
     sock: socket.socket | None = None,
     params: Mapping[str, str] | None = None,
+    version: int = PROTOCOL_3_0,
+    seen: list[bytes] | None = None,
 ) -> socket.socket:
     """Log in over a plain socket (SCRAM-SHA-256, MD5 or cleartext) up to ReadyForQuery.
 
+    :param seen: if given, receives the type byte of every frame read.
     :raises AssertionError: if the server answers with an ErrorResponse.
     """
     sock = sock or connect(port, host)
-    sock.sendall(startup_packet({"user": user, "database": database, **(params or {})}))
+    sock.sendall(startup_packet({"user": user, "database": database, **(params or {})},
+                                version=version))
     scram: ScramClient | None = None
     while True:
         frames = read_frames_until(sock, stop=(b"R", b"Z", b"E"))
+        if seen is not None:
+            seen.extend(k for k, _ in frames)
         kind, body = frames[-1]
         if kind == b"E":
             raise AssertionError(f"login refused: {error_fields(body)}")
