@@ -24,6 +24,7 @@ from gateway import (
 )
 
 from . import codec
+from .framewalk import IMPLEMENTATION
 from .relay import PgSession
 from .replayer import PgReplayer, _send_cancel
 from .statements import StatementRegistry
@@ -100,3 +101,8 @@ class PostgresProtocol(ProtocolHandler):
 @hookimpl
 def gateway_register_protocols(registry: ProtocolRegistry) -> None:
     registry.add(PostgresProtocol)
+
+
+@hookimpl
+def gateway_configured(config: object) -> None:
+    log.info("postgres: frame headers read by the %s loop", IMPLEMENTATION)

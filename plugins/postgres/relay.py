@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from gateway import ClientSession, ListenerContext, MirrorSet, Unit
 
 from . import codec
+from .framewalk import FrameError, walk
 
 if TYPE_CHECKING:
     from .replayer import PgReplayer
@@ -62,6 +63,8 @@ _FRONT_ACTIONS = _actions(unit_end=b"SQF", copy=b"dcf")
 _FRONT_ACTIONS_MIRRORED = _actions(unit_end=b"SQF", copy=b"dcf", mark=b"PC")
 # While a unit is over the byte budget, Parse and Close must be seen too.
 _FRONT_ACTIONS_OVERSIZED = _actions(unit_end=b"SQF", copy=b"dcf", statement=b"PC")
+# In the primary's bytes only ReadyForQuery matters.
+_BACK_ACTIONS = _actions(unit_end=b"Z", copy=b"")
 # Backend type bytes.
 _B_READY = ord("Z")
 _B_AUTH = ord("R")
@@ -356,17 +359,22 @@ class PgSession(asyncio.Protocol, ClientSession):
     def _scan_front(self, data: bytes) -> None:
         """Find unit boundaries in client bytes already sent to the primary.
 
-        Runs once per chunk. Only frame headers are read; a frame whose type
-        matters (see _FRONT_ACTIONS) is handed to _frame_end, the rest are
-        stepped over without a call.
+        Runs once per chunk; framewalk reads the frame headers and reports only
+        the frames whose type matters (see _FRONT_ACTIONS).
         """
         if self._ftail:
             data = self._ftail + data
             self._ftail = b""
         n = len(data)
         pos = self._fskip
+        if pos > n:
+            # The whole chunk is inside one frame that goes on.
+            self._fskip = pos - n
+            self._open = True
+            self._hold(data, 0, n)
+            return
         start = 0  # first byte of data not yet given to a unit
-        if pos <= n and self._fcur >= 0:
+        if self._fcur >= 0:
             start = self._frame_end(self._fcur, data, start, pos, -1)
         if self.mirrors is None:
             act = _FRONT_ACTIONS
@@ -374,48 +382,43 @@ class PgSession(asyncio.Protocol, ClientSession):
             act = _FRONT_ACTIONS_MIRRORED
         else:
             act = _FRONT_ACTIONS_OVERSIZED
-        unpack = _len
-        while pos < n:
-            if n - pos < 5:
-                self._ftail = data[pos:]
-                self._fcur = -1
-                self._fskip = 0
-                self._open = start < pos or (start == 0 and self._open)
-                self._hold(data, start, pos)
-                return
-            kind = data[pos]
-            length = unpack(data, pos + 1)[0]
-            if length < 4:
-                self._desynchronised("client", kind, length)
-                return
-            begin = pos
-            pos += 1 + length
-            what = act[kind]
-            if what:
-                if what == _UNIT_END and pos <= n and self._copy is _NO_COPY:
-                    start = self._unit_end(kind, data, start, pos, begin)
-                    continue
-                if what == _MARK_STATEMENT:
+        fcur = -1
+        bad = None
+        if pos < n:
+            try:
+                pos, hits = walk(data, pos, act)
+            except FrameError as exc:
+                bad = exc.args  # (begin, type, length); the frames before it still count
+                pos, hits = walk(data[:bad[0]], pos, act)
+            for kind, begin, end in hits:
+                what = act[kind]
+                if what == _UNIT_END and end <= n and self._copy is _NO_COPY:
+                    start = self._unit_end(kind, data, start, end, begin)
+                elif what == _MARK_STATEMENT:
                     self._statements_seen = True
-                    if pos > n:
-                        self._fcur = -1
-                    continue
-                if (what == _COPY_FRAME and self._copy is CopyMode.NONE
-                        and not (begin > start or (start == 0 and self._open))):
-                    # CopyData/CopyDone/CopyFail right after a cut unit: its
-                    # COPY's data starts here, before any of its bytes are held.
-                    self._copy_starts()
-                if pos <= n:
-                    start = self._frame_end(kind, data, start, pos, begin)
                 else:
-                    self._fcur = kind
-            elif pos > n:
-                self._fcur = -1
-        if pos > n:
-            self._fskip = pos - n
-        else:
-            self._fskip = 0
+                    if (what == _COPY_FRAME and self._copy is _NO_COPY
+                            and not (begin > start or (start == 0 and self._open))):
+                        # CopyData/CopyDone/CopyFail right after a cut unit: its
+                        # COPY's data starts here, before any of its bytes are held.
+                        self._copy_starts()
+                    if end <= n:
+                        start = self._frame_end(kind, data, start, end, begin)
+                    else:
+                        fcur = kind  # it ends in a later chunk
+        if bad is not None:
+            self._desynchronised("client", bad[1], bad[2])
+            return
+        if pos < n:
+            # A split header: keep its bytes for the next chunk.
+            self._ftail = data[pos:]
             self._fcur = -1
+            self._fskip = 0
+            self._open = start < pos or (start == 0 and self._open)
+            self._hold(data, start, pos)
+            return
+        self._fskip = pos - n
+        self._fcur = fcur if pos > n else -1
         self._open = start < n or (start == 0 and self._open)
         if start < n:
             self._hold(data, start, n)
@@ -539,33 +542,37 @@ class PgSession(asyncio.Protocol, ClientSession):
         return end
 
     def _scan_back(self, data: bytes) -> None:
-        """Read ReadyForQuery and CopyInResponse headers in primary bytes."""
+        """Read the ReadyForQuery frames in primary bytes (one walk per chunk)."""
         if self._btail:
             data = self._btail + data
             self._btail = b""
         n = len(data)
         pos = self._bskip
-        unpack = _len
-        while pos < n:
-            if n - pos < 5:
-                self._btail = data[pos:]
+        if pos >= n:
+            self._bskip = pos - n
+            return
+        bad = None
+        try:
+            pos, hits = walk(data, pos, _BACK_ACTIONS)
+        except FrameError as exc:
+            bad = exc.args  # (begin, type, length); the frames before it still count
+            pos, hits = walk(data[:bad[0]], pos, _BACK_ACTIONS)
+        for _, begin, end in hits:
+            if end > n:
+                # ReadyForQuery split before its status byte: read it whole
+                # with the next chunk.
+                self._btail = data[begin:]
                 self._bskip = 0
                 return
-            kind = data[pos]
-            if kind == 0x5A:  # ReadyForQuery: 'Z', length 5, status byte
-                if n - pos < 6:
-                    self._btail = data[pos:]
-                    self._bskip = 0
-                    return
-                self._answered(data[pos + 5])
-                pos += 6
-                continue
-            length = unpack(data, pos + 1)[0]
-            if length < 4:
-                self._desynchronised("primary", kind, length)
-                return
-            pos += 1 + length
-        self._bskip = pos - n
+            self._answered(data[begin + 5])
+        if bad is not None:
+            self._desynchronised("primary", bad[1], bad[2])
+            return
+        if pos < n:
+            self._btail = data[pos:]  # a split header
+            self._bskip = 0
+        else:
+            self._bskip = pos - n
 
     def _answered(self, status: int) -> None:
         """A ReadyForQuery: the oldest pending unit is complete."""

@@ -1,0 +1,59 @@
+# framewalk: the C loop and its Python twin agree on any bytes, any table.
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway_postgres import codec, framewalk
+
+tables = st.binary(min_size=256, max_size=256)
+frames = st.lists(
+    st.tuples(st.integers(0, 255), st.binary(max_size=40)).map(
+        lambda t: codec.frame(bytes([t[0]]), t[1])),
+    max_size=12,
+).map(b"".join)
+
+
+def _outcome(fn, data: bytes, pos: int, table: bytes):  # type: ignore[no-untyped-def]
+    try:
+        return fn(data, pos, table)
+    except framewalk.FrameError as exc:
+        return ("error", exc.args)
+
+
+@given(data=st.one_of(frames, st.binary(max_size=200)), table=tables,
+       pos=st.integers(0, 220))
+def test_c_and_python_walks_agree(data: bytes, table: bytes, pos: int) -> None:
+    assert _outcome(framewalk.walk, data, pos, table) == _outcome(
+        framewalk.walk_py, data, pos, table)
+
+
+@given(data=frames, cut=st.integers(0, 400))
+def test_walk_reports_every_marked_frame_with_its_bounds(data: bytes, cut: int) -> None:
+    table = bytes(range(256))  # every type but 0 is marked
+    head = data[: min(cut, len(data))]
+    nxt, hits = framewalk.walk(head, 0, table)
+    # Frames come back in order, contiguous, and `next` is the end of the last
+    # header read, or where a split header starts.
+    pos = 0
+    for kind, begin, end in hits:
+        assert begin >= pos and head[begin] == kind and kind != 0
+        pos = end
+    assert nxt >= pos
+    assert nxt >= len(head) or len(head) - nxt < 5
+
+
+def test_a_short_length_is_a_frame_error_with_where_and_what() -> None:
+    data = codec.sync() + b"X\x00\x00\x00\x03"
+    with pytest.raises(framewalk.FrameError) as err:
+        framewalk.walk(data, 0, bytes(256))
+    assert err.value.args == (5, ord("X"), 3)
+
+
+def test_the_c_loop_is_in_use_where_it_was_built() -> None:
+    # The build is optional (no compiler: Python fallback); where the module
+    # file exists it must be the one in use.
+    import importlib.util
+
+    if importlib.util.find_spec("gateway_postgres._framewalk") is None:
+        pytest.skip("C helper not built here")
+    assert framewalk.IMPLEMENTATION == "c"
