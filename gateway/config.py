@@ -349,6 +349,15 @@ def _strict(kind: type[Any], name: str) -> Callable[[object, type], Any]:
     return structure
 
 
+def _failed_init(exc: ClassValidationError) -> bool:
+    """Whether cattrs structured every key and then the class's __init__ raised
+    (its converters and validators): that lone error carries no key note."""
+    if len(exc.exceptions) != 1 or isinstance(exc.exceptions[0], ForbiddenExtraKeysError):
+        return False
+    notes = getattr(exc.exceptions[0], "__notes__", [])
+    return not any(isinstance(n, AttributeValidationNote) for n in notes)
+
+
 def _is_sequence(t: Any) -> bool:
     origin = get_origin(t)
     if origin is tuple:
@@ -392,7 +401,8 @@ class _Structurer:
             try:
                 obj = generated(table, cl)
             except ClassValidationError as exc:
-                errors.extend(exc.exceptions)
+                found = self._field_errors(cl, table, types) if _failed_init(exc) else []
+                errors.extend(found or exc.exceptions)
             for key, rule in rules.items():
                 if obj is not None:
                     field_value = getattr(obj, key)
@@ -411,6 +421,49 @@ class _Structurer:
             return obj
 
         return structure
+
+    def _field_errors(self, cl: type, table: Mapping[str, Any], types: Mapping[str, Any],
+                      ) -> list[Exception]:
+        """Find the fields whose attrs converter or validator refused their value.
+
+        `cl(...)` raised after every key structured; its exception names no field.
+        With validators off, each key with a converter is passed alone (beside the
+        required keys), then each validator runs on an instance built from all the
+        keys. Each error gets its field's key; [] if none is found.
+        """
+        fields = attrs.fields(cl)
+        try:
+            values = {a.name: self.conv.structure(table[a.name], types[a.name])
+                      for a in fields if a.name in table}
+        except Exception:  # pragma: no cover - each key structured a moment ago
+            return []
+        required = {a.alias: values[a.name] for a in fields
+                    if a.name in values and a.default is attrs.NOTHING}
+        errors: list[Exception] = []
+        with attrs.validators.disabled():
+            try:
+                cl(**required)
+            except Exception:  # a required key's converter, or __attrs_post_init__
+                return []
+            for a in fields:
+                if a.name in values and a.converter is not None and a.alias not in required:
+                    try:
+                        cl(**required, **{a.alias: values[a.name]})
+                    except Exception as exc:
+                        errors.append(_noted(exc, a.name))
+            if errors:
+                return errors
+            try:
+                obj = cl(**{a.alias: values[a.name] for a in fields if a.name in values})
+            except Exception:  # __attrs_post_init__ refused the combination
+                return []
+        for a in fields:
+            if a.validator is not None:
+                try:
+                    a.validator(obj, a, getattr(obj, a.name))
+                except Exception as exc:
+                    errors.append(_noted(exc, a.name))
+        return errors
 
     def _sequence_factory(self, t: Any) -> Callable[[object, type], Any]:
         factory = homogenous_tuple_structure_factory if get_origin(t) is tuple else (

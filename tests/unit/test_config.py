@@ -543,7 +543,7 @@ def test_mirror_of_its_own_primary_upstream_is_refused() -> None:
     ("queue_bytes", "0", "listener[0].mirror[0].queue_bytes", "at least 1"),
     ("timeout", "0", "listener[0].mirror[0].timeout", "greater than 0"),
     ("timeout", '"0s"', "listener[0].mirror[0].timeout", "greater than 0"),
-    ("exposure", "1.5", "listener[0].mirror[0]", "exposure must be between 0.0 and 1.0"),
+    ("exposure", "1.5", "listener[0].mirror[0].exposure", "exposure must be between 0.0 and 1.0"),
 ])
 def test_mirror_ranges(key: str, value: str, path: str, needle: str) -> None:
     problem = only_problem(with_mirror(f"{key} = {value}\n"))
@@ -606,9 +606,9 @@ def test_every_problem_is_reported_at_once_by_line() -> None:
         (3, "general.colour"),
         (16, "listener[0].mirror[0].upstream"),
         (17, "listener[0].mirror[0].queue"),
-        (19, "listener[0].mirror[1]"),
         (20, "listener[0].mirror[1].upstream"),
         (22, "listener[0].mirror[1].queue_bytes"),
+        (23, "listener[0].mirror[1].exposure"),
         (25, "listener[0].mirror[1].flavour"),
     ]
     lines = str(info.value).splitlines()
@@ -704,6 +704,89 @@ def test_unknown_key_in_a_route() -> None:
 def test_protocol_listener_keys_are_typed() -> None:
     problem = only_problem(HTTP.replace('"8MiB"', '"8 potatoes"'))
     assert (problem.path, problem.line) == ("listener[0].max_body", 14)
+
+
+# --- attrs validators and converters of options ------------------------------------
+
+
+def _ratio(_inst: object, attribute: "attrs.Attribute[float]", value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{attribute.name} must be between 0.0 and 1.0, not {value}")
+
+
+def _level(value: str) -> str:
+    if value not in ("low", "high"):
+        raise ValueError(f"level must be low or high, not {value!r}")
+    return value
+
+
+@attrs.frozen
+class CheckedMirrorOptions:
+    ratio: float = attrs.field(default=1.0, converter=float, validator=_ratio)
+    level: str = attrs.field(default="low", converter=_level)
+    weight: int = attrs.field(default=1, validator=attrs.validators.ge(0))
+
+
+class FakeChecked:
+    id = "checked"
+    url_schemes = ("postgres",)
+    ListenerOptions = PgListenerOptions
+    MirrorOptions = CheckedMirrorOptions
+
+
+CHECKED = BASE.replace('"postgres"\n', '"checked"\n') + """
+[[listener.mirror]]
+upstream = "staging"
+name = "one"
+ratio = 0.5
+level = "high"
+
+[[listener.mirror]]
+upstream = "staging"
+name = "two"
+"""
+
+
+def checked_problems(text: str) -> list[tuple[int | None, str, str]]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, {"checked": FakeChecked})
+    return [(p.line, p.path, p.message) for p in info.value.problems]
+
+
+def test_valid_checked_options_are_converted() -> None:
+    (listener,) = parse_config(CHECKED, {"checked": FakeChecked}).listeners
+    assert [m.options for m in listener.mirrors] == [
+        CheckedMirrorOptions(ratio=0.5, level="high"), CheckedMirrorOptions()]
+
+
+def test_validator_error_is_reported_at_its_key() -> None:
+    assert checked_problems(CHECKED.replace("ratio = 0.5", "ratio = 1.5")) == [
+        (18, "listener[0].mirror[0].ratio", "ratio must be between 0.0 and 1.0, not 1.5")]
+
+
+def test_converter_error_is_reported_at_its_key() -> None:
+    assert checked_problems(CHECKED.replace('"high"', '"max"')) == [
+        (19, "listener[0].mirror[0].level", "level must be low or high, not 'max'")]
+
+
+def test_validator_errors_in_two_mirrors_are_all_reported() -> None:
+    text = CHECKED.replace("ratio = 0.5", "ratio = -1\nweight = -2")
+    text += "ratio = 2.0\nqueue = 0\n"
+    found = [(line, path) for line, path, _ in checked_problems(text)]
+    assert found == [(18, "listener[0].mirror[0].ratio"), (19, "listener[0].mirror[0].weight"),
+                     (25, "listener[0].mirror[1].ratio"), (26, "listener[0].mirror[1].queue")]
+
+
+def test_postgres_plugin_exposure_is_reported_at_its_key() -> None:
+    from gateway.plugins import load_plugins
+
+    _, registry = load_plugins()
+    text = BASE + '\n[[listener.mirror]]\nupstream = "staging"\nexposure = 1.5\n'
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, dict(registry.items()), env={})
+    (problem,) = info.value.problems
+    assert (problem.line, problem.path) == (17, "listener[0].mirror[0].exposure")
+    assert problem.message == "exposure must be between 0.0 and 1.0, not 1.5"
 
 
 # --- the model ------------------------------------------------------------------
