@@ -57,10 +57,10 @@ def _actions(**kinds: bytes) -> bytes:
     return bytes(table)
 
 
-_FRONT_ACTIONS = _actions(unit_end=b"SQF", copy=b"dcf")
-# A mirrored session notes a unit's statements only if it has a Parse or Close
-# (or is a Query, which may DEALLOCATE): most units are Bind/Execute/Sync.
-_FRONT_ACTIONS_MIRRORED = _actions(unit_end=b"SQF", copy=b"dcf", mark=b"PC")
+# Units are cut only in mirrored sessions. A unit's statements are noted only
+# if it has a Parse or Close (or is a Query, which may DEALLOCATE): most units
+# are Bind/Execute/Sync.
+_FRONT_ACTIONS = _actions(unit_end=b"SQF", copy=b"dcf", mark=b"PC")
 # While a unit is over the byte budget, Parse and Close must be seen too.
 _FRONT_ACTIONS_OVERSIZED = _actions(unit_end=b"SQF", copy=b"dcf", statement=b"PC")
 # In the primary's bytes only ReadyForQuery matters.
@@ -162,6 +162,10 @@ class PgSession(asyncio.Protocol, ClientSession):
         self._max_unit = 0            # the largest unit any mirror could take
         self._open = False            # a unit has started and not been cut
         self._statements_seen = False  # the unit being cut has a Parse or Close
+        # Unmirrored sessions: when the client began asking, and whether the
+        # primary has answered since (the next client chunk starts anew).
+        self._waiting_since = 0.0
+        self._answered_since = True
         self._last_unit: Unit | None = None
         self._last_term = -1          # the type of the frame that cut the last unit
         self._copy = CopyMode.NONE
@@ -185,7 +189,13 @@ class PgSession(asyncio.Protocol, ClientSession):
     def data_received(self, data: bytes) -> None:
         if self._relaying:
             self.primary.write(data)  # type: ignore[union-attr]
-            self._scan_front(data)
+            if self.mirrors is not None:
+                self._scan_front(data)
+            elif self._answered_since:
+                # Unmirrored: no unit is cut; the latency of what this chunk
+                # asks runs from here to the primary's ReadyForQuery frames.
+                self._waiting_since = _clock()
+                self._answered_since = False
         elif self.phase is Phase.RAW or self.phase is Phase.AUTH:
             self.primary.write(data)  # type: ignore[union-attr]
         elif self.phase is Phase.STARTUP:
@@ -303,7 +313,10 @@ class PgSession(asyncio.Protocol, ClientSession):
     def primary_data(self, data: bytes) -> None:
         if self._relaying:
             self.client.write(data)  # type: ignore[union-attr]
-            self._scan_back(data)
+            if self.mirrors is not None:
+                self._scan_back(data)
+            else:
+                self._count_back(data)
             return
         client = self.client
         if client is None or client.is_closing():
@@ -359,8 +372,8 @@ class PgSession(asyncio.Protocol, ClientSession):
     def _scan_front(self, data: bytes) -> None:
         """Find unit boundaries in client bytes already sent to the primary.
 
-        Runs once per chunk; framewalk reads the frame headers and reports only
-        the frames whose type matters (see _FRONT_ACTIONS).
+        Runs once per chunk of a mirrored session; framewalk reads the frame
+        headers and reports only the frames whose type matters (_FRONT_ACTIONS).
         """
         if self._ftail:
             data = self._ftail + data
@@ -376,12 +389,7 @@ class PgSession(asyncio.Protocol, ClientSession):
         start = 0  # first byte of data not yet given to a unit
         if self._fcur >= 0:
             start = self._frame_end(self._fcur, data, start, pos, -1)
-        if self.mirrors is None:
-            act = _FRONT_ACTIONS
-        elif self._held < self._max_unit:
-            act = _FRONT_ACTIONS_MIRRORED
-        else:
-            act = _FRONT_ACTIONS_OVERSIZED
+        act = _FRONT_ACTIONS if self._held < self._max_unit else _FRONT_ACTIONS_OVERSIZED
         fcur = -1
         bad = None
         if pos < n:
@@ -516,9 +524,6 @@ class PgSession(asyncio.Protocol, ClientSession):
             self._held = 0
             self._statements_seen = False
             mirrors.offer(unit)
-        elif self._skipped:
-            for stats in self._skipped:
-                stats.skipped += 1
         self._pending.append((_clock(), unit))
         self._last_unit = unit
         self._last_term = kind
@@ -573,6 +578,50 @@ class PgSession(asyncio.Protocol, ClientSession):
             self._bskip = 0
         else:
             self._bskip = pos - n
+
+    def _count_back(self, data: bytes) -> None:
+        """An unmirrored session: count the primary's ReadyForQuery frames.
+
+        Each one completes a unit; its latency runs from the first client chunk
+        after the primary last answered (per unit for request/response clients,
+        from the start of the burst for pipelining ones). Sessions sampling left out count their
+        units as skipped here.
+        """
+        if self._btail:
+            data = self._btail + data
+            self._btail = b""
+        n = len(data)
+        pos = self._bskip
+        if pos >= n:
+            self._bskip = pos - n
+            return
+        try:
+            pos, hits = walk(data, pos, _BACK_ACTIONS)
+        except FrameError as exc:
+            bad = exc.args
+            pos, hits = walk(data[:bad[0]], pos, _BACK_ACTIONS)
+            self._tally(len(hits))
+            self._desynchronised("primary", bad[1], bad[2])
+            return
+        if pos < n:
+            self._btail = data[pos:]  # a split header
+            self._bskip = 0
+        else:
+            self._bskip = pos - n
+        if hits:
+            self._tally(len(hits))
+
+    def _tally(self, units: int) -> None:
+        stats = self.stats
+        stats.primary_units += units
+        since = self._waiting_since
+        if since:
+            latency = _clock() - since
+            for _ in range(units):
+                stats.primary_latency.observe(latency)
+        self._answered_since = True
+        for skipped in self._skipped:
+            skipped.skipped += units
 
     def _answered(self, status: int) -> None:
         """A ReadyForQuery: the oldest pending unit is complete."""

@@ -559,11 +559,14 @@ def test_an_unmirrored_session_counts_units_and_offers_none(
     for front, back in zip(split_ways(stream, cuts), split_ways(answers, cuts), strict=True):
         rig = Rig(mirrored=False)
         rig.send(front)
-        assert len(rig.session._pending) == n_units
+        # Unmirrored: no unit is cut or held; the primary's ReadyForQuery
+        # frames count the units, each with a latency.
+        assert not rig.session._pending
         rig.answer(back)
         assert rig.session.mirrors is None and not rig.offered and not rig.mirrors.extended
         assert not rig.session._pieces  # bytes are held only for mirrors
         assert rig.stats.primary_units == n_units
+        assert rig.stats.primary_latency.count == (n_units if stream else 0)
         assert rig.primary.data == stream
         assert rig.client.data == answers
 
