@@ -546,46 +546,14 @@ class PgSession(asyncio.Protocol, ClientSession):
         self._copy_end = -1
         return end
 
-    def _scan_back(self, data: bytes) -> None:
-        """Read the ReadyForQuery frames in primary bytes (one walk per chunk)."""
-        if self._btail:
-            data = self._btail + data
-            self._btail = b""
-        n = len(data)
-        pos = self._bskip
-        if pos >= n:
-            self._bskip = pos - n
-            return
-        bad = None
-        try:
-            pos, hits = walk(data, pos, _BACK_ACTIONS)
-        except FrameError as exc:
-            bad = exc.args  # (begin, type, length); the frames before it still count
-            pos, hits = walk(data[:bad[0]], pos, _BACK_ACTIONS)
-        for _, begin, end in hits:
-            if end > n:
-                # ReadyForQuery split before its status byte: read it whole
-                # with the next chunk.
-                self._btail = data[begin:]
-                self._bskip = 0
-                return
-            self._answered(data[begin + 5])
-        if bad is not None:
-            self._desynchronised("primary", bad[1], bad[2])
-            return
-        if pos < n:
-            self._btail = data[pos:]  # a split header
-            self._bskip = 0
-        else:
-            self._bskip = pos - n
+    def _walk_back(self, data: bytes) -> tuple[bytes, list[tuple[int, int, int]], Any]:
+        """One walk over a chunk of primary bytes for its ReadyForQuery frames.
 
-    def _count_back(self, data: bytes) -> None:
-        """An unmirrored session: count the primary's ReadyForQuery frames.
+        Keeps a split header for the next chunk and the bytes still to skip.
 
-        Each one completes a unit; its latency runs from the first client chunk
-        after the primary last answered (per unit for request/response clients,
-        from the start of the burst for pipelining ones). Sessions sampling left out count their
-        units as skipped here.
+        :returns: the chunk (with any kept header before it), the
+            ReadyForQuery frames as (type, begin, end), and (begin, type,
+            length) of a malformed frame or None.
         """
         if self._btail:
             data = self._btail + data
@@ -594,22 +562,48 @@ class PgSession(asyncio.Protocol, ClientSession):
         pos = self._bskip
         if pos >= n:
             self._bskip = pos - n
-            return
+            return data, [], None
+        bad = None
         try:
             pos, hits = walk(data, pos, _BACK_ACTIONS)
         except FrameError as exc:
-            bad = exc.args
+            bad = exc.args  # the frames before it still count
             pos, hits = walk(data[:bad[0]], pos, _BACK_ACTIONS)
-            self._tally(len(hits))
-            self._desynchronised("primary", bad[1], bad[2])
-            return
         if pos < n:
             self._btail = data[pos:]  # a split header
             self._bskip = 0
         else:
             self._bskip = pos - n
+        return data, hits, bad
+
+    def _scan_back(self, data: bytes) -> None:
+        """A mirrored session: settle its units with the primary's answers."""
+        data, hits, bad = self._walk_back(data)
+        n = len(data)
+        for _, begin, end in hits:
+            if end > n:
+                # ReadyForQuery split before its status byte: read it whole
+                # with the next chunk.
+                self._btail = data[begin:]
+                self._bskip = 0
+                break
+            self._answered(data[begin + 5])
+        if bad is not None:
+            self._desynchronised("primary", bad[1], bad[2])
+
+    def _count_back(self, data: bytes) -> None:
+        """An unmirrored session: count the primary's ReadyForQuery frames.
+
+        Each one completes a unit; its latency runs from the first client chunk
+        after the primary last answered (per unit for request/response clients,
+        from the start of the burst for pipelining ones). Sessions that sampling
+        left out count their units as skipped here.
+        """
+        _, hits, bad = self._walk_back(data)
         if hits:
             self._tally(len(hits))
+        if bad is not None:
+            self._desynchronised("primary", bad[1], bad[2])
 
     def _tally(self, units: int) -> None:
         stats = self.stats
