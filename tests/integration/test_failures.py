@@ -284,7 +284,8 @@ def test_mirror_restarted_mid_session_is_used_again_after_backoff(
             i = 6
             deadline = time.monotonic() + 40
             while counts(gw, MIRROR).delivered["ok"] == 3:
-                assert time.monotonic() < deadline, counts(gw, MIRROR)
+                if time.monotonic() > deadline:
+                    pytest.fail(f"the mirror never came back: {counts(gw, MIRROR)}")
                 conn.execute("INSERT INTO t VALUES (%s)", (i,))
                 i += 1
                 wait_at_rest(gw, MIRROR)
@@ -355,7 +356,8 @@ def test_max_clients_refuses_the_third_client_with_53300(
                 assert c.execute("SELECT 3").fetchone() == (3,)
             break
         except psycopg.OperationalError:
-            assert time.monotonic() < deadline
+            if time.monotonic() > deadline:
+                raise
             time.sleep(0.05)
 
 
@@ -498,7 +500,8 @@ def test_mirror_timeout_inside_a_transaction_resets_and_drops_the_rest_of_it(
     assert c.delivered["ok"] == 3  # BEGIN, the first insert, the last insert
     deadline = time.monotonic() + 10
     while pg_mirror.query_value("SELECT count(*) FROM t WHERE tx = 1", fresh_db) != "0":
-        assert time.monotonic() < deadline  # the reset connection's transaction rolls back
+        if time.monotonic() > deadline:  # the reset connection's transaction rolls back
+            pytest.fail("the mirror kept the rows of the dropped transaction")
         time.sleep(0.1)
     assert pg_mirror.query_value("SELECT count(*) FROM t WHERE tx = 2", fresh_db) == "1"
     assert_balanced(c)
@@ -607,7 +610,8 @@ def test_mirror_connection_killed_mid_transaction_never_commits_half_of_it(
         pg_mirror.execute(f"SELECT pg_terminate_backend({pid})")
         deadline = time.monotonic() + 10
         while _backend_pids(pg_mirror, fresh_db):
-            assert time.monotonic() < deadline
+            if time.monotonic() > deadline:
+                pytest.fail("the terminated mirror backend did not go away")
             time.sleep(0.05)
         conn.execute("INSERT INTO t VALUES (2)")
         conn.execute("COMMIT")
