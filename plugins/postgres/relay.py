@@ -148,6 +148,7 @@ class PgSession(asyncio.Protocol, ClientSession):
         self.backend_key: tuple[int, bytes] | None = None
         self._skipped: list[Any] = []  # stats of mirrors sampling left out, if none took it
         self._registered = False
+        self._replication = False      # a replication connection: relayed, not mirrored
         self._buf = bytearray()       # start-up phase bytes
         self._early: list[bytes] = []  # client bytes that came while connecting
         self._early_size = 0
@@ -280,13 +281,11 @@ class PgSession(asyncio.Protocol, ClientSession):
         self.primary = link.transport
         assert self.startup is not None
         self.primary.write(self.startup.raw)  # type: ignore[union-attr]
-        if raw:
-            self.phase = Phase.RAW
-            if self._timer is not None:
-                self._timer.cancel()
-        else:
-            self.phase = Phase.AUTH
-            self._auth_reader = codec.FrameReader()
+        # Authentication is followed for replication sessions too, so that
+        # startup_timeout bounds it; they turn raw once the primary is ready.
+        self._replication = raw
+        self.phase = Phase.AUTH
+        self._auth_reader = codec.FrameReader()
         for chunk in self._early:
             self.primary.write(chunk)  # type: ignore[union-attr]
         self._early.clear()
@@ -351,12 +350,17 @@ class PgSession(asyncio.Protocol, ClientSession):
                                      f"{exc.message}")
 
     def _ready(self, rest: bytes) -> None:
-        self.phase = Phase.READY
-        self._relaying = True
         self._auth_reader = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._replication:
+            # Relayed, never mirrored: a replication stream (CopyBoth) is not
+            # made of units a mirror could replay.
+            self.phase = Phase.RAW
+            return
+        self.phase = Phase.READY
+        self._relaying = True
         if self.ctx.mirrors:
             mirrors = self.handler.open_mirrors(self)
             if mirrors.sessions:
@@ -365,7 +369,10 @@ class PgSession(asyncio.Protocol, ClientSession):
             else:
                 self._skipped = mirrors.skipped
         if rest:
-            self._scan_back(rest)
+            if self.mirrors is not None:
+                self._scan_back(rest)
+            else:
+                self._count_back(rest)
 
     # ---------------------------------------------------------------- scanning
 
