@@ -215,7 +215,6 @@ class MirrorSession:
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False
         self._aborted = False
-        self._skip_requested = False
         self._bug_logged = False
         self._current: Unit | None = None
 
@@ -302,10 +301,6 @@ class MirrorSession:
             if isinstance(item, Unit):
                 return item.offered_at
         return None
-
-    def skip_rest_of_group(self) -> None:
-        """Asked by a replayer that rolled the mirror back after a delivered unit."""
-        self._skip_requested = True
 
     async def chunks(self, unit: Unit) -> AsyncIterator[bytes]:
         """The chunks a streamed unit gains, until it is closed.
@@ -415,9 +410,6 @@ class MirrorSession:
                 if reason is None:
                     stats.delivered_as(outcome, _clock() - started)
                     self._finish(unit)
-                    if self._skip_requested:
-                        self._skip_requested = False
-                        skipping = not await replayer.ends_group(unit)
                 else:
                     stats.in_flight_dropped(reason)
                     self._finish(unit)
@@ -498,9 +490,6 @@ class Mirror:
         """Age in seconds of the oldest queued unit across sessions."""
         oldest = min((t for s in self.sessions if (t := s.oldest) is not None), default=None)
         return 0.0 if oldest is None else max(0.0, _clock() - oldest)
-
-    def queued_units(self) -> int:
-        return self.stats.queued
 
     def __repr__(self) -> str:
         return f"<Mirror {self.name} sessions={len(self.sessions)} {self.stats!r}>"

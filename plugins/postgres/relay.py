@@ -17,7 +17,6 @@ import asyncio
 import collections
 import enum
 import logging
-import struct
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +30,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mirrorgate.postgres")
 
-_len = struct.Struct("!i").unpack_from
 _clock = time.monotonic
 
 # Frontend type bytes (Postgres protocol, "Message Formats").
@@ -67,14 +65,8 @@ _FRONT_ACTIONS_OVERSIZED = _actions(unit_end=b"SQF", copy=b"dcf", statement=b"PC
 _BACK_ACTIONS = _actions(unit_end=b"Z", copy=b"")
 # Backend type bytes.
 _B_READY = ord("Z")
-_B_AUTH = ord("R")
 _B_KEY = ord("K")
-_B_ERROR = ord("E")
 
-# "The first byte of a message identifies the message type, and the next four
-# bytes specify the length of the rest of the message (this length count
-# includes itself, but not the message-type byte)."
-_HEADER = 5
 
 # Client bytes held while the primary connection is being opened.
 _MAX_EARLY_BYTES = 1 << 20
