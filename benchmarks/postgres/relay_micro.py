@@ -1,0 +1,93 @@
+# In-process cost of the Postgres relay's per-chunk work, without sockets.
+#
+# Owns: two measurements quoted in docs/performance.md. (1) The Python work per
+# pgbench -S transaction (one Bind/Execute/Sync from the client, a four-message
+# answer from the primary) for a session with no mirror and one whose only
+# mirror is down, driven through a real PgSession with transports that only
+# record. (2) Stepping over a 1,000-row answer with the C frame walker and its
+# Python twin. Needs no server; compare runs on the same machine only.
+#
+#   python benchmarks/postgres/relay_micro.py
+from __future__ import annotations
+
+import sys
+import timeit
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from gateway.mirror import Mirror, MirrorSession, MirrorSet  # noqa: E402
+from gateway.pool import UpstreamPool  # noqa: E402
+from gateway_postgres import codec, framewalk  # noqa: E402
+from gateway_postgres.relay import PgSession, Phase  # noqa: E402
+from gateway_postgres.replayer import PgReplayer  # noqa: E402
+from gateway_postgres.statements import StatementRegistry  # noqa: E402
+
+N = 200_000
+BIND = codec.frame(b"B", b"\x00P0_1\x00\x00\x01\x00\x00\x00\x01\x00\x00\x00\x0512345\x00\x00")
+EXECUTE = codec.frame(b"E", b"\x00\x00\x00\x00\x00")
+REQUEST = BIND + EXECUTE + codec.sync()
+ANSWER = (codec.frame(b"2", b"") + codec.frame(b"D", b"\x00\x01\x00\x00\x00\x04abcd")
+          + codec.frame(b"C", b"SELECT 1\x00") + codec.ready_for_query(b"I"))
+
+
+class _Sink:
+    def write(self, data: bytes) -> None:
+        pass
+
+
+def _session(mirrors: MirrorSet | None) -> PgSession:
+    from gateway.accounting import ListenerStats
+
+    context = SimpleNamespace(stats=ListenerStats("bench"), mirrors=[], startup_timeout=15.0)
+    session = PgSession(SimpleNamespace(context=context))
+    session.client = session.primary = _Sink()  # type: ignore[assignment]
+    session.phase = Phase.READY
+    session._relaying = True
+    if mirrors is not None:
+        session.mirrors = mirrors
+        session.statements = StatementRegistry()
+        session._max_unit = 64 << 20
+    return session
+
+
+def _down_mirror() -> MirrorSet:
+    config = SimpleNamespace(name="m", queue=500, queue_bytes=64 << 20, timeout=5.0,
+                             options=None)
+    upstream = SimpleNamespace(name="m", host="127.0.0.1", port=1, user=None,
+                               database=None, password=None, users={})
+    mirror = Mirror("bench", config, upstream, spawn=lambda fn: None)
+    pool: UpstreamPool[object] = UpstreamPool("m", 10)
+    pool.connect_failed()
+    pool._retry_at = float("inf")  # a mirror in connect backoff for the whole run
+    replayer = PgReplayer(mirror, pool, {"user": "u"}, StatementRegistry(), 1 << 20)
+    return MirrorSet([MirrorSession(mirror, replayer)], [])
+
+
+def per_transaction(session: PgSession) -> float:
+    def one() -> None:
+        session.data_received(REQUEST)
+        session.primary_data(ANSWER)
+
+    return timeit.timeit(one, number=N) / N * 1e6
+
+
+def main() -> None:
+    print(f"frame walker in use: {framewalk.IMPLEMENTATION}")
+    print(f"no mirror:         {per_transaction(_session(None)):.2f} us per transaction")
+    print(f"mirror down:       {per_transaction(_session(_down_mirror())):.2f} us per transaction")
+    row = codec.frame(b"D", b"\x00\x02\x00\x00\x00\x04abcd\x00\x00\x00\x08efghijkl")
+    answer = (codec.frame(b"T", b"\x00\x00") + row * 1000
+              + codec.frame(b"C", b"SELECT 1000\x00") + codec.ready_for_query(b"I"))
+    table = bytearray(256)
+    table[ord("Z")] = 1
+    for name, walk in (("C", framewalk.walk), ("Python", framewalk.walk_py)):
+        if name == "C" and framewalk.IMPLEMENTATION != "c":
+            continue
+        seconds = timeit.timeit(lambda w=walk: w(answer, 0, bytes(table)), number=2000) / 2000
+        print(f"1,000-row answer ({len(answer)} bytes), {name} walker: {seconds * 1e6:.1f} us")
+
+
+if __name__ == "__main__":
+    main()
