@@ -68,6 +68,7 @@ class Run:
     p99_ms: float
     rss_mib: float | None
     delivered: float | None = None  # mirror units delivered / offered, gateways only
+    cpu_us: float | None = None  # the relay's CPU time per transaction (user + system)
 
 
 @dataclass
@@ -307,6 +308,18 @@ def peak_rss_mib(pid: int) -> float | None:
     return total / 1024 if total else None
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` and its descendants so far."""
+    ticks = 0
+    for p in family(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def mirror_counts(gw: GatewayProcess) -> tuple[float, float] | None:
     try:
         m = gw.metrics()
@@ -344,10 +357,12 @@ def pgbench(bench: Bench, path: Target, workload: str, tag: str) -> Run:
     before = mirror_counts(path.gateway) if path.gateway else None
     if path.pid:
         reset_peak_rss(path.pid)
+    cpu_before = cpu_seconds(path.pid) if path.pid else None
     result = subprocess.run(
         cmd, capture_output=True, text=True, env=pg_env(primary.password), timeout=a.duration + 120
     )
     rss = peak_rss_mib(path.pid) if path.pid else None
+    cpu = cpu_seconds(path.pid) - cpu_before if path.pid and cpu_before is not None else None
     m = re.search(r"^tps = ([\d.]+) \(without initial connection time\)", result.stdout, re.M)
     if result.returncode != 0 or m is None:
         raise RuntimeError(f"pgbench exit {result.returncode}: " + _last_lines(result.stderr, 8))
@@ -357,7 +372,10 @@ def pgbench(bench: Bench, path: Target, workload: str, tag: str) -> Run:
             latencies.extend(int(line.split()[2]) for line in fh if line.strip())
     latencies.sort()
     p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] / 1000
-    run = Run(float(m.group(1)), p99, rss)
+    m_tx = re.search(r"^number of transactions actually processed: (\d+)", result.stdout, re.M)
+    transactions = int(m_tx.group(1)) if m_tx else 0
+    run = Run(float(m.group(1)), p99, rss,
+              cpu_us=cpu / transactions * 1e6 if cpu is not None and transactions else None)
     if path.gateway is not None and before is not None:
         wait_drained(path.gateway, 60 if path.name == "mirrorgate-mirror" else 10)
         after = mirror_counts(path.gateway)
@@ -384,16 +402,20 @@ def _brief(error: str) -> str:
     return text.replace("|", "\\|")
 
 
-def summary(bench: Bench) -> dict[tuple[str, str], tuple[float, float, float | None, float | None]]:
+def summary(bench: Bench,
+            ) -> dict[tuple[str, str], tuple[float, float, float | None, float | None,
+                                             float | None]]:
     out = {}
     for key, runs in bench.results.items():
         rss = [r.rss_mib for r in runs if r.rss_mib is not None]
         dl = [r.delivered for r in runs if r.delivered is not None]
+        cpu = [r.cpu_us for r in runs if r.cpu_us is not None]
         out[key] = (
             statistics.median(r.tps for r in runs),
             statistics.median(r.p99_ms for r in runs),
             max(rss) if rss else None,
             min(dl) if dl else None,
+            statistics.median(cpu) if cpu else None,
         )
     return out
 
@@ -407,11 +429,12 @@ def report(bench: Bench) -> str:
         f"{os.cpu_count()} CPUs, Python {platform.python_version()}.",
         f"pgbench -M prepared -c {a.clients} -j {a.jobs} -T {a.duration}, "
         f"{a.rounds} round(s), paths alternated within each round; "
-        "TPS and p99 are medians over rounds, RSS the largest peak (VmHWM) of the relay.",
+        "TPS, p99 and relay CPU per transaction (user + system, from /proc) are medians "
+        "over rounds, RSS the largest peak (VmHWM) of the relay.",
         "",
-        "| path | workload | TPS | p99 ms | peak RSS MiB | TPS / pgbouncer "
+        "| path | workload | TPS | p99 ms | relay CPU µs/tx | peak RSS MiB | TPS / pgbouncer "
         "| p99 / pgbouncer | RSS / pgbouncer | TPS / nomirror | mirror delivered |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for workload in WORKLOADS:
         base = s.get(("pgbouncer", workload))
@@ -420,14 +443,15 @@ def report(bench: Bench) -> str:
             key = (name, workload)
             if key not in s:
                 why = bench.failures.get(key) or bench.paths[name].error or "no result"
-                lines.append(f"| {name} | {workload} | FAILED: {_brief(why)} |||||||")
+                lines.append(f"| {name} | {workload} | FAILED: {_brief(why)} ||||||||")
                 continue
-            tps, p99, rss, dl = s[key]
+            tps, p99, rss, dl, cpu = s[key]
             vs_nomirror = (
                 _ratio(tps, nomirror[0]) if name.startswith("mirrorgate-") and nomirror else ""
             )
             lines.append(
-                f"| {name} | {workload} | {tps:.0f} | {p99:.2f} | {_num(rss, '.1f')} "
+                f"| {name} | {workload} | {tps:.0f} | {p99:.2f} | {_num(cpu, '.1f')} "
+                f"| {_num(rss, '.1f')} "
                 f"| {_ratio(tps, base and base[0])} | {_ratio(p99, base and base[1])} "
                 f"| {_ratio(rss, base and base[2])} | {vs_nomirror} "
                 f"| {_num(dl and dl * 100, '.1f')}{'%' if dl is not None else ''} |"
@@ -500,7 +524,8 @@ def main(argv: list[str] | None = None) -> int:
                     bench.results.setdefault(key, []).append(run)
                     print(
                         f"round {rnd} {workload:11} {name:20} tps {run.tps:8.0f}  "
-                        f"p99 {run.p99_ms:6.2f} ms  rss {_num(run.rss_mib, '.1f')} MiB",
+                        f"p99 {run.p99_ms:6.2f} ms  cpu {_num(run.cpu_us, '.1f')} us/tx  "
+                        f"rss {_num(run.rss_mib, '.1f')} MiB",
                         flush=True,
                     )
                     time.sleep(0.5)
