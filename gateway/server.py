@@ -137,8 +137,11 @@ class Gateway:
                 await self._admin.close()
         for pool in self.pools.values():
             pool.close_idle()
+        # Units still in flight now are dropped as `shutdown` when the task
+        # group cancels their workers, right after this line.
+        in_flight = sum(m.stats.in_flight for c in self.contexts for m in c.mirrors)
         log.info("stopped: %d sessions cut, %d mirror units dropped as shutdown",
-                 left_sessions, self._shutdown_drops() - before)
+                 left_sessions, self._shutdown_drops() - before + in_flight)
 
     def _shutdown_drops(self) -> int:
         return sum(m.stats.dropped[DropReason.SHUTDOWN]
