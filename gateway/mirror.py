@@ -180,6 +180,15 @@ class Replayer(abc.ABC):
         """
         return False
 
+    def retry_at(self) -> float:
+        """While ``unavailable``: when (``time.monotonic``) it may change, or
+        ``inf`` if never for this session; 0.0 otherwise or when unknown.
+
+        Lets a protocol stop cutting units for a session whose every mirror is
+        down, counting them as ``mirror_unavailable`` drops instead, until then.
+        """
+        return 0.0
+
     async def ends_group(self, unit: Unit) -> bool:
         """Whether the primary left no group (transaction) open after ``unit``.
 
@@ -220,19 +229,23 @@ class MirrorSession:
 
     # -- the offering side (synchronous, called from the protocol relay) --
 
-    def offer(self, unit: Unit) -> None:
-        """Queue ``unit`` without waiting; a full queue is a counted drop."""
+    def offer(self, unit: Unit) -> bool:
+        """Queue ``unit`` without waiting; a full queue is a counted drop.
+
+        :returns: whether it was dropped because the mirror is unavailable.
+        """
         stats = self.stats
         size = unit.size
         if self._closed:
             stats.offer_dropped(DropReason.SHUTDOWN)
-            return
+            return False
         if size > self._budget:
             stats.offer_dropped(DropReason.TOO_LARGE)
             self._mark_dropped(unit)
         elif self.replayer.unavailable():
             stats.offer_dropped(DropReason.MIRROR_UNAVAILABLE)
             self._mark_dropped(unit)
+            return True
         elif self._units >= self._limit or stats.queued_bytes + size > self._budget:
             stats.offer_dropped(DropReason.QUEUE_FULL)
             self._mark_dropped(unit)
@@ -242,6 +255,22 @@ class MirrorSession:
             self._held[unit] = [size, len(unit.chunks), len(unit.chunks)]
             stats.offer_queued(size)
             self._wake()
+        return False
+
+    def drop_unoffered(self, size: int) -> None:
+        """Count a unit of ``size`` bytes that was not cut while the mirror is
+        unavailable: the drop ``offer`` would have counted, with nothing queued.
+
+        Only for units outside any group the worker has seen (the protocol
+        stops cutting at a group boundary), so no drop marker is needed.
+        """
+        stats = self.stats
+        if self._closed:
+            stats.offer_dropped(DropReason.SHUTDOWN)
+        elif size > self._budget:
+            stats.offer_dropped(DropReason.TOO_LARGE)
+        else:
+            stats.offer_dropped(DropReason.MIRROR_UNAVAILABLE)
 
     def extend(self, unit: Unit, chunk: bytes) -> bool:
         """Charge a chunk that ``unit`` gained; cut the unit if the budget is gone.
@@ -498,18 +527,34 @@ class Mirror:
 class MirrorSet:
     """What one client session offers its units to: sampled mirrors, and skipped ones."""
 
-    __slots__ = ("sessions", "skipped")
+    __slots__ = ("sessions", "skipped", "down")
 
     def __init__(self, sessions: list[MirrorSession], skipped: list[MirrorStats]) -> None:
         self.sessions = sessions
         self.skipped = skipped
+        self.down = False  # the last unit offered found every mirror unavailable
 
     def __bool__(self) -> bool:
         return bool(self.sessions)
 
     def offer(self, unit: Unit) -> None:
+        down = 0
         for s in self.sessions:
-            s.offer(unit)
+            down += s.offer(unit)
+        self.down = down == len(self.sessions)
+        for st in self.skipped:
+            st.skipped += 1
+
+    def down_until(self) -> float:
+        """When (``time.monotonic``) the first of these mirrors may come back,
+        if every one is unavailable; 0.0 if one is available now."""
+        return min((s.replayer.retry_at() for s in self.sessions), default=0.0)
+
+    def drop_unoffered(self, size: int) -> None:
+        """Count a unit that was not cut because every mirror is down (see
+        ``down_until``): as ``offer`` would have, with nothing queued."""
+        for s in self.sessions:
+            s.drop_unoffered(size)
         for st in self.skipped:
             st.skipped += 1
 

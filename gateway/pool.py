@@ -84,6 +84,11 @@ class UpstreamPool(Generic[C]):
         # while a backoff is pending.
         return self._retry_at == 0.0 or _clock() >= self._retry_at
 
+    def retry_at(self) -> float:
+        """When a failed upstream may be tried again; 0.0 if it may be now."""
+        at = self._retry_at
+        return at if at and _clock() < at else 0.0
+
     def connect_failed(self) -> None:
         self.failures += 1
         self._delay = min(self._backoff_max, max(self._backoff_min, self._delay * 2))

@@ -65,6 +65,7 @@ _FRONT_ACTIONS_OVERSIZED = _actions(unit_end=b"SQF", copy=b"dcf", statement=b"PC
 _BACK_ACTIONS = _actions(unit_end=b"Z", copy=b"")
 # Backend type bytes.
 _B_READY = ord("Z")
+_IDLE = ord("I")  # ReadyForQuery status: not in a transaction
 _B_KEY = ord("K")
 
 
@@ -168,6 +169,9 @@ class PgSession(asyncio.Protocol, ClientSession):
         self._btail = b""
         # Units sent and not yet answered: (time sent, unit if mirrored).
         self._pending: collections.deque[tuple[float, Unit | None]] = collections.deque()
+        # While every mirror is down (until this time; 0.0 when not), units
+        # are only counted as drops, not cut into Units: see _answered.
+        self._down_until = 0.0
 
     # ---------------------------------------------------------------- client side
 
@@ -488,7 +492,24 @@ class PgSession(asyncio.Protocol, ClientSession):
         """Cut the unit that ends at ``end``: offer it, and await its ReadyForQuery."""
         unit = None
         mirrors = self.mirrors
-        if mirrors is not None:
+        if mirrors is not None and self._down_until:
+            # Every mirror is down: count the unit as the offer would have,
+            # keeping only what named statements need.
+            pieces = self._pieces
+            size = self._held + end - start
+            if self._statements_seen or kind == 0x51:
+                if self._held >= self._max_unit:
+                    if pieces:
+                        self.statements.note(b"".join(pieces))
+                    if begin >= 0:
+                        self.statements.note(data[begin:end])
+                else:
+                    self.statements.note(b"".join((*pieces, data[start:end])))
+            pieces.clear()
+            self._held = 0
+            self._statements_seen = False
+            mirrors.drop_unoffered(size)
+        elif mirrors is not None:
             pieces = self._pieces
             held = self._held
             if held + end - start > self._max_unit:
@@ -624,9 +645,20 @@ class PgSession(asyncio.Protocol, ClientSession):
         sent, unit = pending.popleft()
         stats = self.stats
         stats.primary_units += 1
-        stats.primary_latency.observe(_clock() - sent)
+        now = _clock()
+        stats.primary_latency.observe(now - sent)
         if unit is not None:
             unit.settle(status)
+        if status == _IDLE and not pending:
+            # A transaction boundary with nothing in flight: the place to stop
+            # or resume cutting units for mirrors that are all down. Units
+            # not cut are counted as the dropped offers they would have been;
+            # the workers saw the group before end here, so none is split.
+            if self._down_until:
+                if now >= self._down_until:
+                    self._down_until = 0.0
+            elif self.mirrors is not None and self.mirrors.down:
+                self._down_until = self.mirrors.down_until()
 
     def _desynchronised(self, side: str, kind: int, length: int) -> None:
         # The primary judges client bytes itself (and will answer with an error);

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import struct
 from typing import Any
 
@@ -429,6 +430,14 @@ class PgReplayer(Replayer):
         if conn is not None and conn.lost is None:
             return False
         return self._refused is not None or not self.pool.available()
+
+    def retry_at(self) -> float:
+        conn = self.conn
+        if conn is not None and conn.lost is None:
+            return 0.0
+        if self._refused is not None:
+            return math.inf  # refused for this session: never
+        return self.pool.retry_at()
 
     async def ends_group(self, unit: Unit) -> bool:
         status = unit.result if unit.settled else await unit.wait_settled()

@@ -74,3 +74,40 @@ def test_a_unit_over_the_byte_budget_is_too_large() -> None:
     assert mirror.stats.dropped[DropReason.TOO_LARGE] == 1
     assert replayer.delivered == [b"y"]
     assert mirror.stats.balanced()
+
+
+class DownReplayer(ScriptedReplayer):
+    """A mirror in connect backoff until ``until``."""
+
+    def __init__(self, until: float) -> None:
+        super().__init__([])
+        self.until = until
+
+    def unavailable(self) -> bool:
+        return self.until > 0
+
+    def retry_at(self) -> float:
+        return self.until
+
+
+def test_a_set_whose_every_mirror_is_down_says_so_and_counts_uncut_units() -> None:
+    from gateway.mirror import MirrorSet
+
+    (m1, _), (m2, _), (skipped, _) = _mirror(), _mirror(queue_bytes=10), _mirror()
+    down = MirrorSet([MirrorSession(m1, DownReplayer(50.0)),
+                      MirrorSession(m2, DownReplayer(40.0))], [skipped.stats])
+    down.offer(Unit(b"a"))
+    assert down.down and down.down_until() == 40.0
+    down.drop_unoffered(5)
+    down.drop_unoffered(11)  # over m2's byte budget: too_large there, as an offer would be
+    assert m1.stats.dropped[DropReason.MIRROR_UNAVAILABLE] == 3 and m1.stats.offered == 3
+    assert m2.stats.dropped[DropReason.MIRROR_UNAVAILABLE] == 2
+    assert m2.stats.dropped[DropReason.TOO_LARGE] == 1
+    assert skipped.stats.skipped == 3
+    assert m1.stats.balanced() and m2.stats.balanced()
+
+    (m3, _), (m4, _) = _mirror(), _mirror()
+    half = MirrorSet([MirrorSession(m3, DownReplayer(50.0)),
+                      MirrorSession(m4, ScriptedReplayer(["ok"]))], [])
+    half.offer(Unit(b"b"))
+    assert not half.down and half.down_until() == 0.0

@@ -10,6 +10,7 @@ READY phase the relay only writes and scans.
 from __future__ import annotations
 
 import struct
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 
 from gateway import ListenerStats, Unit
 from gateway_postgres import codec
+from gateway_postgres import relay as relay_module
 from gateway_postgres.relay import PgSession, Phase
 from gateway_postgres.statements import StatementRegistry
 
@@ -70,13 +72,22 @@ class RecordingMirrors:
     def __init__(self) -> None:
         self.offered: list[Unit] = []
         self.extended: list[tuple[Unit, bytes]] = []
+        self.unoffered: list[int] = []  # sizes of units counted while every mirror was down
         self.closed = False
+        self.down = False  # what MirrorSet.offer found: every mirror unavailable
+        self.until = 0.0   # what down_until answers
 
     def __bool__(self) -> bool:
         return True
 
     def offer(self, unit: Unit) -> None:
         self.offered.append(unit)
+
+    def down_until(self) -> float:
+        return self.until
+
+    def drop_unoffered(self, size: int) -> None:
+        self.unoffered.append(size)
 
     def extend(self, unit: Unit, chunk: bytes) -> None:
         self.extended.append((unit, chunk))
@@ -576,3 +587,54 @@ def test_an_unmirrored_session_counts_units_and_offers_none(
 def test_split_ways_keep_every_byte(data: bytes, cuts: list[int]) -> None:
     for pieces in split_ways(data, cuts):
         assert b"".join(pieces) == data and all(pieces)
+
+
+# --- every mirror down ----------------------------------------------------------------
+
+IDLE, IN_TX = codec.ready_for_query(b"I"), codec.ready_for_query(b"T")
+
+
+def test_while_every_mirror_is_down_units_are_counted_and_resume_at_a_boundary() -> None:
+    rig = Rig()
+    m = rig.mirrors
+    clock = [100.0]
+    relay_module._clock = lambda: clock[0]  # type: ignore[attr-defined]
+    try:
+        # A unit offered while every mirror was down, ending in a transaction:
+        # cutting goes on until the transaction is over.
+        m.down, m.until = True, 160.0
+        rig.send([codec.query("BEGIN")])
+        rig.answer([IN_TX])
+        assert len(m.offered) == 1 and not m.unoffered
+        rig.send([codec.query("INSERT 1")])
+        rig.answer([IN_TX])
+        commit = codec.query("COMMIT")
+        rig.send([commit])
+        rig.answer([IDLE])  # a boundary: from here units are only counted
+        assert len(m.offered) == 3
+        parse = codec.parse(b"s1", b"SELECT 1")
+        rig.send([parse, bind(b"s1"), execute(), codec.sync()])
+        rig.answer([IDLE])
+        rig.send([codec.query("BEGIN")])
+        rig.answer([IN_TX])
+        assert len(m.offered) == 3
+        assert m.unoffered[0] == len(parse + bind(b"s1") + execute() + codec.sync())
+        assert len(m.unoffered) == 2
+        # Named statements are still followed for the mirror's return.
+        assert rig.session.statements.get(b"s1") == parse
+        # The mirror may be back, but not inside the transaction.
+        clock[0] = 200.0
+        m.down = False
+        rig.send([codec.query("INSERT 2")])
+        rig.answer([IN_TX])
+        rig.send([codec.query("COMMIT")])
+        rig.answer([IDLE])
+        assert len(m.offered) == 3 and len(m.unoffered) == 4
+        # After the boundary, units are cut and offered again.
+        rig.send([codec.query("SELECT 2")])
+        rig.answer([IDLE])
+        assert len(m.offered) == 4 and m.offered[-1].data == codec.query("SELECT 2")
+        assert rig.stats.primary_units == 8
+        assert rig.primary.data.endswith(codec.query("SELECT 2"))
+    finally:
+        relay_module._clock = time.monotonic  # type: ignore[attr-defined]

@@ -58,8 +58,10 @@ def test_backoff_doubles_and_resets(monkeypatch: pytest.MonkeyPatch) -> None:
         delays.append(now[0] - start)
     assert delays == [0.5, 1.0, 2.0, 4.0, 4.0]
     pool.connect_failed()
+    assert pool.retry_at() == now[0] + 4.0
     pool.connect_succeeded()
     assert pool.available()
+    assert pool.retry_at() == 0.0
 
 
 def test_repr_summarises_state() -> None:
