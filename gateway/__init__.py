@@ -5,6 +5,8 @@ nothing else from ``gateway``.
 """
 
 from .accounting import DropReason, ListenerStats, MirrorStats
+from .config import Mirror as MirrorConfig
+from .config_values import Duration, Size
 from .mirror import (
     Mirror,
     MirrorError,
@@ -24,8 +26,8 @@ from .protocol import ClientSession, ListenerContext, NoOptions, ProtocolHandler
 __version__ = "0.1.0"
 
 __all__ = [
-    "ClientSession", "DropReason", "ListenerContext", "ListenerStats", "Mirror",
-    "MirrorError", "MirrorSession", "MirrorSet", "MirrorStats", "MirrorTimeout",
+    "ClientSession", "DropReason", "Duration", "ListenerContext", "ListenerStats", "Mirror",
+    "MirrorConfig", "MirrorError", "MirrorSession", "MirrorSet", "MirrorStats", "MirrorTimeout",
     "MirrorUnavailable", "NoOptions", "PluginError", "ProtocolHandler", "ProtocolRegistry",
-    "Replayer", "Unit", "UnitCut", "UpstreamPool", "__version__", "hookimpl", "sample",
+    "Replayer", "Size", "Unit", "UnitCut", "UpstreamPool", "__version__", "hookimpl", "sample",
 ]

@@ -276,6 +276,9 @@ def parse_url(url: str, known_schemes: Iterable[str]) -> UrlParts:
         if "/" in path:
             raise ValueProblem(f"bad database name {path!r} in the URL")
         database = path or None
+    elif split.path not in ("", "/") or split.query:
+        raise ValueProblem(f"a {scheme} upstream URL names a server only (scheme://host:port), "
+                           "not a path or query")
     user = urllib.parse.unquote(split.username) if split.username else None
     password = urllib.parse.unquote(split.password) if split.password is not None else None
     return UrlParts(scheme, split.hostname, port, database, user, password)

@@ -257,6 +257,16 @@ class MirrorSession:
             self._wake()
         return False
 
+    def accepts(self, size: int) -> bool:
+        """Whether ``offer`` would queue a unit of ``size`` bytes now.
+
+        Lets a protocol that knows a unit's size before it has the unit (an
+        HTTP request's Content-Length) skip gathering what would be dropped.
+        """
+        return not (self._closed or size > self._budget or self.replayer.unavailable()
+                    or self._units >= self._limit
+                    or self.stats.queued_bytes + size > self._budget)
+
     def drop_unoffered(self, size: int) -> None:
         """Count a unit of ``size`` bytes that was not cut while the mirror is
         unavailable: the drop ``offer`` would have counted, with nothing queued.

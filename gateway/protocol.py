@@ -21,6 +21,7 @@ from .pool import UpstreamPool
 
 if TYPE_CHECKING:
     from .config import Config, Listener, Upstream
+    from .config import Mirror as MirrorConfig
 
 __all__ = ["ClientSession", "ListenerContext", "NoOptions", "ProtocolHandler"]
 
@@ -102,6 +103,18 @@ class ListenerContext:
             else:
                 skipped.append(mirror.stats)
         return MirrorSet(sessions, skipped)
+
+    def add_mirror(self, config: MirrorConfig) -> Mirror:
+        """Run a mirror declared outside ``[[listener.mirror]]`` (in a protocol's
+        own tables, such as an HTTP route's), counted and drained with the others.
+        """
+        mirror = Mirror(self.name, config, self.config.upstreams[config.upstream], self.spawn)
+        self.mirrors.append(mirror)
+        return mirror
+
+    def upstream(self, name: str) -> Upstream:
+        """An upstream by name (a protocol's own tables may name other primaries)."""
+        return self.config.upstreams[name]
 
     def pool_for(self, mirror: Mirror) -> UpstreamPool[Any]:
         return self.pools[mirror.upstream.name]

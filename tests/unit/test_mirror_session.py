@@ -111,3 +111,14 @@ def test_a_set_whose_every_mirror_is_down_says_so_and_counts_uncut_units() -> No
                       MirrorSession(m4, ScriptedReplayer(["ok"]))], [])
     half.offer(Unit(b"b"))
     assert not half.down and half.down_until() == 0.0
+
+
+def test_accepts_says_what_an_offer_would_do() -> None:
+    mirror, _ = _mirror(queue=1, queue_bytes=10)
+    session = MirrorSession(mirror, ScriptedReplayer([]))
+    assert session.accepts(10) and not session.accepts(11)  # over the byte budget
+    session.offer(Unit(b"x" * 4))
+    assert not session.accepts(1)  # the queue holds its one unit
+    assert mirror.stats.offered == 1  # asking counts nothing
+    down = MirrorSession(_mirror()[0], DownReplayer(5.0))
+    assert not down.accepts(1)
