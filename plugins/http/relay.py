@@ -367,13 +367,16 @@ class HttpSession(asyncio.Protocol, ClientSession):
     def _start(self, head: RequestHead) -> None:
         self.partial = False
         self.stats.primary_units += 1
-        host = None
         headers = forwardable(head.headers)
-        for name, value in headers:
-            if len(name) == 4 and name.lower() == b"host":
-                host = value
-                break
-        route = self.protocol.route(head.method, head.target, host)
+        if self.protocol.routes:
+            host = None
+            for name, value in headers:
+                if len(name) == 4 and name.lower() == b"host":
+                    host = value
+                    break
+            route = self.protocol.route(head.method, head.target, host)
+        else:
+            route = self.protocol.default
         if self.forwarded_for and self.peer:
             headers = _append_forwarded_for(headers, self.peer)
         ex = _Exchange(head, route)
@@ -390,24 +393,20 @@ class HttpSession(asyncio.Protocol, ClientSession):
             parts.append(b"Content-Length: %d\r\n\r\n" % head.content_length)
         else:
             parts.append(b"\r\n")
-        self._to_primary(b"".join(parts))
-        self._choose_mirrors(ex, head, headers, route)
+        primary_head = b"".join(parts)
+        self._to_primary(primary_head)
+        if route.mirrors:
+            self._choose_mirrors(ex, head, headers, route, len(primary_head))
 
     def _choose_mirrors(self, ex: _Exchange, head: RequestHead,
-                        headers: list[tuple[bytes, bytes]], route: RouteTarget) -> None:
-        mirrors = route.mirrors
-        if not mirrors:
-            return
-        request: MirrorRequest | None = None
+                        headers: list[tuple[bytes, bytes]], route: RouteTarget,
+                        head_size: int) -> None:
         length = head.content_length
         limit = 0
-        for mirror in mirrors:
+        for mirror in route.mirrors:
             if not sampled(mirror, head.headers):
                 mirror.stats.skipped += 1
                 continue
-            if request is None:
-                request = MirrorRequest(head.method, head.target, headers,
-                                        length is not None or head.chunked)
             if length is not None:
                 # The size is known now: a request the mirror would drop is
                 # counted here, and its body is not gathered for it.
@@ -415,15 +414,17 @@ class HttpSession(asyncio.Protocol, ClientSession):
                     mirror.stats.offer_dropped(DropReason.TOO_LARGE)
                     continue
                 session = self._mirror_session(mirror)
-                if not session.accepts(length + request.size):
+                if not session.accepts(length + head_size):
                     unit = Unit(b"")
-                    unit.size = length + request.size
+                    unit.size = length + head_size
                     session.offer(unit)  # counted as the drop it is
                     continue
             ex.to_mirrors.append(mirror)
             limit = max(limit, mirror.config.options.max_body)
-        ex.mirror_limit = limit
-        ex.mirror_request = request
+        if ex.to_mirrors:
+            ex.mirror_limit = limit
+            ex.mirror_request = MirrorRequest(head.method, head.target, headers,
+                                              length is not None or head.chunked, head_size)
 
     def _mirror_session(self, mirror: Mirror) -> MirrorSession:
         session = self.mirror_sessions.get(mirror)

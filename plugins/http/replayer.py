@@ -45,12 +45,12 @@ class MirrorRequest:
     __slots__ = ("method", "target", "headers", "has_body", "size")
 
     def __init__(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
-                 has_body: bool) -> None:
+                 has_body: bool, size: int) -> None:
         self.method = method
         self.target = target
         self.headers = headers
         self.has_body = has_body
-        self.size = len(method) + len(target) + 16 + sum(len(n) + len(v) + 4 for n, v in headers)
+        self.size = size  # about what its head takes (the primary's copy of it)
 
 
 def shadow_host(host: bytes) -> bytes:

@@ -216,7 +216,8 @@ def _request(**options: object) -> bytes:
     rewrite = Rewrite(HttpMirrorOptions(**options))
     req = MirrorRequest(b"POST", b"/api/v1/push?x=1", [
         (b"Host", b"mimir.example:8080"), (b"Authorization", b"Bearer s"),
-        (b"X-Scope-OrgID", b"t1"), (b"Expect", b"100-continue"), (b"X-Other", b"o")], True)
+        (b"X-Scope-OrgID", b"t1"), (b"Expect", b"100-continue"), (b"X-Other", b"o")], True,
+        120)
     return rewrite.request(req, b"body!")
 
 
