@@ -33,6 +33,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks.procstat import cpu_seconds, family  # noqa: E402
 from tests.support.gateway import GatewayError, GatewayProcess  # noqa: E402
 from tests.support.net import free_port, wait_listening  # noqa: E402
 from tests.support.pgcluster import SUPERUSER, PgCluster, server_ids  # noqa: E402
@@ -271,21 +272,6 @@ def setup_path(bench: Bench, name: str) -> Target:
 # -- measuring -------------------------------------------------------------------
 
 
-def family(pid: int) -> list[int]:
-    """``pid`` and its descendants (a gateway may run worker processes)."""
-    children: dict[int, list[int]] = {}
-    for stat in glob.glob("/proc/[0-9]*/stat"):
-        try:
-            fields = Path(stat).read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.split("/")[2]))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out
 
 
 def reset_peak_rss(pid: int) -> None:
@@ -308,16 +294,6 @@ def peak_rss_mib(pid: int) -> float | None:
     return total / 1024 if total else None
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of ``pid`` and its descendants so far."""
-    ticks = 0
-    for p in family(pid):
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def mirror_counts(gw: GatewayProcess) -> tuple[float, float] | None:
@@ -362,7 +338,8 @@ def pgbench(bench: Bench, path: Target, workload: str, tag: str) -> Run:
         cmd, capture_output=True, text=True, env=pg_env(primary.password), timeout=a.duration + 120
     )
     rss = peak_rss_mib(path.pid) if path.pid else None
-    cpu = cpu_seconds(path.pid) - cpu_before if path.pid and cpu_before is not None else None
+    cpu_after = cpu_seconds(path.pid) if path.pid else None
+    cpu = cpu_after - cpu_before if cpu_after is not None and cpu_before is not None else None
     m = re.search(r"^tps = ([\d.]+) \(without initial connection time\)", result.stdout, re.M)
     if result.returncode != 0 or m is None:
         raise RuntimeError(f"pgbench exit {result.returncode}: " + _last_lines(result.stderr, 8))
