@@ -418,6 +418,12 @@ class GatewayPorts:
     listen: int = field(default_factory=free_port)
     admin: int = field(default_factory=free_port)
 
+    def __post_init__(self) -> None:
+        # Two ports that were free a moment ago can be the same one: the
+        # gateway then refuses its config (listener clashes with admin).
+        while self.admin == self.listen:
+            self.admin = free_port()
+
 
 def pg_config(
     ports: GatewayPorts,
