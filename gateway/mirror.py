@@ -19,6 +19,7 @@ import abc
 import asyncio
 import collections
 import logging
+import math
 import random
 import time
 from collections.abc import AsyncIterator, Callable
@@ -232,16 +233,17 @@ class MirrorSession:
     def offer(self, unit: Unit) -> bool:
         """Queue ``unit`` without waiting; a full queue is a counted drop.
 
-        :returns: whether it was dropped because the mirror is unavailable.
+        :returns: whether it was dropped.
         """
         stats = self.stats
         size = unit.size
         if self._closed:
             stats.offer_dropped(DropReason.SHUTDOWN)
-            return False
+            return True
         if size > self._budget:
             stats.offer_dropped(DropReason.TOO_LARGE)
             self._mark_dropped(unit)
+            return True
         elif self.replayer.unavailable():
             stats.offer_dropped(DropReason.MIRROR_UNAVAILABLE)
             self._mark_dropped(unit)
@@ -249,6 +251,7 @@ class MirrorSession:
         elif self._units >= self._limit or stats.queued_bytes + size > self._budget:
             stats.offer_dropped(DropReason.QUEUE_FULL)
             self._mark_dropped(unit)
+            return True
         else:
             self._q.append(unit)
             self._units += 1
@@ -267,9 +270,22 @@ class MirrorSession:
                     or self._units >= self._limit
                     or self.stats.queued_bytes + size > self._budget)
 
+    def refusing_until(self) -> float:
+        """While an offer would be dropped whatever its size: until when
+        (``time.monotonic``; ``inf`` for good, the present time when only the
+        worker can tell by draining its queue); 0.0 when one may be queued."""
+        if self._closed:
+            return math.inf
+        if self.replayer.unavailable():
+            return self.replayer.retry_at() or _clock()
+        if self._units >= self._limit or self.stats.queued_bytes >= self._budget:
+            return _clock()
+        return 0.0
+
     def drop_unoffered(self, size: int) -> None:
-        """Count a unit of ``size`` bytes that was not cut while the mirror is
-        unavailable: the drop ``offer`` would have counted, with nothing queued.
+        """Count a unit of ``size`` bytes that was not cut while this mirror
+        refused units (``refusing_until``): the drop ``offer`` would have
+        counted, with nothing queued.
 
         Only for units outside any group the worker has seen (the protocol
         stops cutting at a group boundary), so no drop marker is needed.
@@ -279,8 +295,10 @@ class MirrorSession:
             stats.offer_dropped(DropReason.SHUTDOWN)
         elif size > self._budget:
             stats.offer_dropped(DropReason.TOO_LARGE)
-        else:
+        elif self.replayer.unavailable():
             stats.offer_dropped(DropReason.MIRROR_UNAVAILABLE)
+        else:
+            stats.offer_dropped(DropReason.QUEUE_FULL)
 
     def extend(self, unit: Unit, chunk: bytes) -> bool:
         """Charge a chunk that ``unit`` gained; cut the unit if the budget is gone.
@@ -542,7 +560,7 @@ class MirrorSet:
     def __init__(self, sessions: list[MirrorSession], skipped: list[MirrorStats]) -> None:
         self.sessions = sessions
         self.skipped = skipped
-        self.down = False  # the last unit offered found every mirror unavailable
+        self.down = False  # every mirror dropped the last unit offered
 
     def __bool__(self) -> bool:
         return bool(self.sessions)
@@ -556,13 +574,23 @@ class MirrorSet:
             st.skipped += 1
 
     def down_until(self) -> float:
-        """When (``time.monotonic``) the first of these mirrors may come back,
-        if every one is unavailable; 0.0 if one is available now."""
-        return min((s.replayer.retry_at() for s in self.sessions), default=0.0)
+        """If every mirror refuses units (unavailable, or its queue full):
+        until when the first may take one again (``time.monotonic``; the
+        present time when that is for a queue to tell, so: ask again at the
+        next chance); 0.0 if one would queue a unit now."""
+        if not self.sessions:
+            return 0.0
+        until = math.inf
+        for s in self.sessions:
+            at = s.refusing_until()
+            if not at:
+                return 0.0
+            until = min(until, at)
+        return until
 
     def drop_unoffered(self, size: int) -> None:
-        """Count a unit that was not cut because every mirror is down (see
-        ``down_until``): as ``offer`` would have, with nothing queued."""
+        """Count a unit that was not cut because every mirror refuses units
+        (see ``down_until``): as ``offer`` would have, with nothing queued."""
         for s in self.sessions:
             s.drop_unoffered(size)
         for st in self.skipped:

@@ -169,9 +169,11 @@ class PgSession(asyncio.Protocol, ClientSession):
         self._btail = b""
         # Units sent and not yet answered: (time sent, unit if mirrored).
         self._pending: collections.deque[tuple[float, Unit | None]] = collections.deque()
-        # While every mirror is down (until this time; 0.0 when not), units
-        # are only counted as drops, not cut into Units: see _answered.
+        # While every mirror refuses units (until this time, then asked
+        # again; 0.0 when not), units are only counted as drops, not cut into
+        # Units: see _answered.
         self._down_until = 0.0
+        self._idle = True  # the primary's last ReadyForQuery said idle
 
     # ---------------------------------------------------------------- client side
 
@@ -492,9 +494,14 @@ class PgSession(asyncio.Protocol, ClientSession):
         """Cut the unit that ends at ``end``: offer it, and await its ReadyForQuery."""
         unit = None
         mirrors = self.mirrors
-        if mirrors is not None and self._down_until:
-            # Every mirror is down: count the unit as the offer would have,
-            # keeping only what named statements need.
+        down = self._down_until
+        if down and mirrors is not None and self._idle and not self._pending:
+            # This unit starts a transaction: may a mirror take it after all?
+            if _clock() >= down:
+                down = self._down_until = mirrors.down_until()
+        if mirrors is not None and down:
+            # Every mirror refuses units: count the unit as the offer would
+            # have, keeping only what named statements need.
             pieces = self._pieces
             size = self._held + end - start
             if self._statements_seen or kind == 0x51:
@@ -649,16 +656,17 @@ class PgSession(asyncio.Protocol, ClientSession):
         stats.primary_latency.observe(now - sent)
         if unit is not None:
             unit.settle(status)
-        if status == _IDLE and not pending:
-            # A transaction boundary with nothing in flight: the place to stop
-            # or resume cutting units for mirrors that are all down. Units
-            # not cut are counted as the dropped offers they would have been;
-            # the workers saw the group before end here, so none is split.
-            if self._down_until:
-                if now >= self._down_until:
-                    self._down_until = 0.0
-            elif self.mirrors is not None and self.mirrors.down:
-                self._down_until = self.mirrors.down_until()
+        self._idle = idle = status == _IDLE
+        if idle and not pending and not self._down_until:
+            # A transaction boundary with nothing in flight, after a unit
+            # every mirror refused (down, or queues full: a hung mirror is both
+            # in turn): stop cutting units until one may take them again.
+            # _unit_end asks again at each unit that starts a transaction, so
+            # none is counted dropped that a mirror would have queued, and a
+            # mirror never sees part of a transaction.
+            mirrors = self.mirrors
+            if mirrors is not None and mirrors.down:
+                self._down_until = mirrors.down_until()
 
     def _desynchronised(self, side: str, kind: int, length: int) -> None:
         # The primary judges client bytes itself (and will answer with an error);

@@ -1,5 +1,6 @@
 # MirrorSession: behaviours the accounting invariant alone does not show.
 import asyncio
+import time
 from types import SimpleNamespace
 
 from gateway.accounting import DropReason
@@ -111,6 +112,19 @@ def test_a_set_whose_every_mirror_is_down_says_so_and_counts_uncut_units() -> No
                       MirrorSession(m4, ScriptedReplayer(["ok"]))], [])
     half.offer(Unit(b"b"))
     assert not half.down and half.down_until() == 0.0
+
+
+def test_a_set_whose_every_queue_is_full_is_down_until_asked_again() -> None:
+    from gateway.mirror import MirrorSet
+
+    mirror, _ = _mirror(queue=1)
+    full = MirrorSet([MirrorSession(mirror, ScriptedReplayer([]))], [])
+    full.offer(Unit(b"a"))
+    assert not full.down  # queued
+    full.offer(Unit(b"b"))
+    assert full.down and 0.0 < full.down_until() <= time.monotonic()
+    full.drop_unoffered(3)
+    assert mirror.stats.dropped[DropReason.QUEUE_FULL] == 2 and mirror.stats.balanced()
 
 
 def test_accepts_says_what_an_offer_would_do() -> None:

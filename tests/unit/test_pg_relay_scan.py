@@ -600,7 +600,7 @@ def test_while_every_mirror_is_down_units_are_counted_and_resume_at_a_boundary()
     clock = [100.0]
     relay_module._clock = lambda: clock[0]  # type: ignore[attr-defined]
     try:
-        # A unit offered while every mirror was down, ending in a transaction:
+        # A unit offered while every mirror refused it, ending in a transaction:
         # cutting goes on until the transaction is over.
         m.down, m.until = True, 160.0
         rig.send([codec.query("BEGIN")])
@@ -624,7 +624,7 @@ def test_while_every_mirror_is_down_units_are_counted_and_resume_at_a_boundary()
         assert rig.session.statements.get(b"s1") == parse
         # The mirror may be back, but not inside the transaction.
         clock[0] = 200.0
-        m.down = False
+        m.down, m.until = False, 0.0
         rig.send([codec.query("INSERT 2")])
         rig.answer([IN_TX])
         rig.send([codec.query("COMMIT")])
