@@ -247,6 +247,7 @@ class HttpSession(asyncio.Protocol, ClientSession):
         self.paused = 0         # _PAUSE_* bits
         self.closed = False
         self.partial = False    # bytes of a request head arrived, the head did not
+        self.client_eof = False  # the client closed its sending side
         self.since = 0.0        # waiting for a request head since
         self.stats = self.context.stats
 
@@ -291,7 +292,9 @@ class HttpSession(asyncio.Protocol, ClientSession):
             else:
                 self._abandon()
             return False
-        # A half-closed client may still read the answer to what it sent.
+        # A half-closed client may still read the answer to what it sent;
+        # the connection closes once that is written (_response_done).
+        self.client_eof = True
         return self.current is not None or bool(self.backlog)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -603,7 +606,7 @@ class HttpSession(asyncio.Protocol, ClientSession):
             else:
                 conn.close()
         self.resume_client(_PAUSE_PRIMARY)
-        if ex.close_after:
+        if ex.close_after or (self.client_eof and not self.backlog):
             self._close()
             return
         self.since = now

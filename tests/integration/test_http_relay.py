@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import hashlib
+import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -419,3 +420,18 @@ def test_the_pure_python_parser_serves_the_same_traffic(servers: Servers,
             ("/h/1", b""), ("/h/2", b"two"), ("/h/3", b"abc")]
     finally:
         assert gw.stop() == 0, gw.log_tail()
+
+
+def test_a_half_closed_client_gets_its_answer_then_the_connection_closes(
+    servers: Servers, relay: Relays
+) -> None:
+    r = relay(servers())
+    with r.raw() as c:
+        c.send(request_bytes("POST", "/half", body=b"last words"))
+        c.sock.shutdown(socket.SHUT_WR)  # like `curl` piping a request, then EOF
+        data, closed = c.read_to_close()
+    parsed = parse_response(data)
+    assert parsed is not None, f"no whole response: {data!r}"
+    response = parsed[0]
+    assert response.status == 200 and response.body == b"POST /half\nlast words"
+    assert closed, "the gateway kept a half-closed connection open after answering"
