@@ -1,0 +1,79 @@
+# In-process cost of the HTTP relay's Python work per request, without sockets.
+#
+# Owns: the figure docs/performance.md quotes for the Python part of a relayed
+# request: a real HttpSession and PrimaryConn, with transports that only
+# record, take a 4 KB POST like wrk's and nginx's 200 answer to it, no mirror.
+# Needs no server; compare runs on the same machine only.
+#
+#   python benchmarks/http/relay_micro.py
+from __future__ import annotations
+
+import sys
+import timeit
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from gateway.accounting import ListenerStats  # noqa: E402
+from gateway_http.options import HttpListenerOptions  # noqa: E402
+from gateway_http.parse import IMPLEMENTATION  # noqa: E402
+from gateway_http.relay import HttpSession, PrimaryConn, PrimaryPool  # noqa: E402
+from gateway_http.routing import RouteTarget  # noqa: E402
+
+N = 50_000
+REQUEST = (b"POST /api/v1/push HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
+           b"Content-Type: application/x-protobuf\r\nContent-Length: 4096\r\n\r\n" + b"x" * 4096)
+ANSWER = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Mon, 23 Nov 2026 00:00:00 GMT\r\n"
+          b"Content-Type: text/plain\r\nContent-Length: 0\r\nConnection: keep-alive\r\n\r\n")
+
+
+class _Sink:
+    """A transport that takes writes and forgets them."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def writelines(self, data: list[bytes]) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return ("127.0.0.1", 50000) if name == "peername" else default
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def main() -> None:
+    upstream = SimpleNamespace(name="primary", host="127.0.0.1", port=1, pool_size=10,
+                               connect_timeout=1.0)
+    context = SimpleNamespace(stats=ListenerStats("bench"), accepting=True,
+                              session_opened=lambda s: True, session_closed=lambda s: None)
+    route = RouteTarget(b"", frozenset(), None, upstream, [])  # type: ignore[arg-type]
+    route.pool = PrimaryPool(upstream)  # type: ignore[arg-type]
+    protocol = SimpleNamespace(context=context, options=HttpListenerOptions(), routes=[],
+                               default=route, route=lambda *_: route)
+    session = HttpSession(protocol)  # type: ignore[arg-type]
+    session.connection_made(_Sink())  # type: ignore[arg-type]
+    conn = PrimaryConn(route.pool)
+    conn.connection_made(_Sink())  # type: ignore[arg-type]
+    route.pool.idle.append(conn)
+
+    def one() -> None:
+        session.data_received(REQUEST)
+        conn.data_received(ANSWER)
+
+    one()
+    seconds = min(timeit.repeat(one, number=N, repeat=3)) / N
+    print(f"parser: {IMPLEMENTATION}")
+    print(f"relayed request, no mirror: {seconds * 1e6:.1f} us of Python per request")
+
+
+if __name__ == "__main__":
+    main()
