@@ -8,6 +8,7 @@
 #   python benchmarks/http/relay_micro.py
 from __future__ import annotations
 
+import os
 import sys
 import timeit
 from pathlib import Path
@@ -21,7 +22,7 @@ from gateway_http.parse import IMPLEMENTATION  # noqa: E402
 from gateway_http.relay import HttpSession, PrimaryConn, PrimaryPool  # noqa: E402
 from gateway_http.routing import RouteTarget  # noqa: E402
 
-N = 50_000
+N = int(os.environ.get("RELAY_MICRO_N", "50000"))
 REQUEST = (b"POST /api/v1/push HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
            b"Content-Type: application/x-protobuf\r\nContent-Length: 4096\r\n\r\n" + b"x" * 4096)
 ANSWER = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Mon, 23 Nov 2026 00:00:00 GMT\r\n"
@@ -70,7 +71,7 @@ def main() -> None:
         conn.data_received(ANSWER)
 
     one()
-    seconds = min(timeit.repeat(one, number=N, repeat=3)) / N
+    seconds = min(timeit.repeat(one, number=N, repeat=7)) / N
     print(f"parser: {IMPLEMENTATION}")
     print(f"relayed request, no mirror: {seconds * 1e6:.1f} us of Python per request")
 

@@ -123,7 +123,11 @@ class ParseError(Exception):
         self.reason = reason
 
 
-@attrs.frozen
+# Heads are plain slotted classes, not frozen ones: a frozen attrs class sets
+# each field through object.__setattr__, about 0.5 µs more per head on the
+# hot path (a request and a response per relayed request). Nothing changes
+# them after the parser made them.
+@attrs.define
 class RequestHead:
     """A request line and its fields, with the framing decided.
 
@@ -146,7 +150,7 @@ class RequestHead:
     close_after: bool
 
 
-@attrs.frozen
+@attrs.define
 class ResponseHead:
     """A status line and its fields, with the framing decided.
 

@@ -39,6 +39,8 @@ HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
     b"transfer-encoding", b"upgrade", b"content-length", b"proxy-authenticate",
 })
+# Connection options that name no end-to-end header.
+_USUAL_TOKENS = HOP_BY_HOP | {b"close", b""}
 # Bytes read ahead of the request being relayed (pipelined requests, a body
 # waiting for its primary connection) before the client is paused.
 READ_AHEAD = 1024 * 1024
@@ -88,7 +90,7 @@ def forwardable(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]
                 named = _connection_tokens(headers)
             continue
         out.append(pair)
-    if named:
+    if named and not named <= _USUAL_TOKENS:  # "keep-alive", "close": nothing more to drop
         out = [p for p in out if p[0].lower() not in named]
     return out
 
