@@ -19,7 +19,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -32,7 +31,15 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.procstat import cpu_seconds  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    brief,
+    cpu_seconds,
+    last_lines,
+    stop_gateway,
+    tail,
+    terminate,
+    wait_drained,
+)
 from tests.support.gateway import GatewayError, GatewayProcess  # noqa: E402
 from tests.support.net import free_port, wait_listening  # noqa: E402
 
@@ -184,13 +191,13 @@ def start_nginx(
         stderr=open(d / "stderr.log", "wb"),  # noqa: SIM115 - the child holds it
         stdin=subprocess.DEVNULL,
     )
-    stop = functools.partial(_terminate, proc)
+    stop = functools.partial(terminate, proc)
     deadline = time.monotonic() + 10
     for port in ports:
         left = max(0.1, deadline - time.monotonic())
         if proc.poll() is not None or not wait_listening("127.0.0.1", port, timeout=left):
             stop()
-            return stop, f"{name} nginx did not start: " + _tail(d / "stderr.log", d / "error.log")
+            return stop, f"{name} nginx did not start: " + tail(d / "stderr.log", d / "error.log")
     return stop, None
 
 
@@ -220,10 +227,10 @@ def start_slow_server(workdir: Path) -> tuple[int, Callable[[], None], str | Non
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
     )
-    stop = functools.partial(_terminate, proc)
+    stop = functools.partial(terminate, proc)
     if not wait_listening("127.0.0.1", port, timeout=10) or proc.poll() is not None:
         stop()
-        return port, stop, "slow server did not start: " + _tail(log)
+        return port, stop, "slow server did not start: " + tail(log)
     return port, stop, None
 
 
@@ -273,23 +280,17 @@ def start_gateway(bench: Bench, name: str, mirror: int | None) -> Target:
     assert s is not None
     text, port = gateway_config(s.primary, mirror)
     gw = GatewayProcess(text, workdir=bench.workdir / name)
-    path = Target(name, port, gateway=gw, stop=lambda: _stop_gateway(gw),
+    path = Target(name, port, gateway=gw, stop=lambda: stop_gateway(gw),
                   relay_pid=lambda: gw.pid)
     try:
         gw.start()
         gw.wait_ready(port, timeout=15)
     except (GatewayError, OSError) as exc:
-        _stop_gateway(gw)
-        path.error = "gateway did not start: " + _last_lines(str(exc), 12)
+        stop_gateway(gw)
+        path.error = "gateway did not start: " + last_lines(str(exc), 12)
     return path
 
 
-def _stop_gateway(gw: GatewayProcess) -> None:
-    if gw.returncode is None and gw.proc is not None:
-        try:
-            gw.stop(timeout=15)
-        except GatewayError:
-            pass
 
 
 def mirror_counts(gw: GatewayProcess) -> tuple[float, float, dict[str, float]] | None:
@@ -313,19 +314,6 @@ def mirror_counts(gw: GatewayProcess) -> tuple[float, float, dict[str, float]] |
     return offered, delivered, drops
 
 
-def wait_drained(gw: GatewayProcess, timeout: float) -> None:
-    """Let a mirror finish its backlog so that it does not load the next run."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            busy = gw.sample_sum("mirrorgate_mirror_queue_units") + gw.sample_sum(
-                "mirrorgate_mirror_in_flight"
-            )
-        except Exception:  # noqa: BLE001
-            return
-        if busy == 0:
-            return
-        time.sleep(0.2)
 
 
 # -- paths -----------------------------------------------------------------------
@@ -353,7 +341,7 @@ def setup_paths(bench: Bench) -> None:
         else:
             raise ValueError(name)
         bench.paths[name] = path
-        status = _brief(path.error) if path.error else f"ready on port {path.port}"
+        status = brief(path.error) if path.error else f"ready on port {path.port}"
         print(f"{name}: {status}", flush=True)
 
 
@@ -371,7 +359,7 @@ def parse_wrk(out: str) -> tuple[float, float, int, list[str]]:
     p99 = re.search(r"^\s+99(?:\.000)?%\s+([\d.]+)(us|ms|s|m|h)\b", out, re.M)
     total = re.search(r"^\s+(\d+) requests in ", out, re.M)
     if not (rps and p99 and total):
-        raise RuntimeError("no figures in wrk's output:\n" + _last_lines(out, 12))
+        raise RuntimeError("no figures in wrk's output:\n" + last_lines(out, 12))
     problems = []
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if non2xx and int(non2xx.group(1)):
@@ -410,7 +398,7 @@ def wrk(bench: Bench, path: Target) -> Run:
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=a.duration + 60)
     cpu_after = cpu_seconds(pid)
     if result.returncode != 0:
-        said = _last_lines(result.stderr + result.stdout, 8)
+        said = last_lines(result.stderr + result.stdout, 8)
         raise RuntimeError(f"wrk exit {result.returncode}: {said}")
     rps, p99, total, problems = parse_wrk(result.stdout)
     if problems:
@@ -436,11 +424,6 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.3f}" if a is not None and b else "n/a"
 
 
-def _brief(error: str) -> str:
-    """One table cell for an error: what failed, and the error's last line."""
-    lines = error.strip().splitlines() or ["?"]
-    text = lines[0] if len(lines) == 1 else f"{lines[0].split(':')[0]}: {lines[-1].strip()}"
-    return text.replace("|", "\\|")
 
 
 def _met(value: float, target: str) -> str:
@@ -513,7 +496,7 @@ def report(bench: Bench) -> str:
         fails = bench.failures.get(name, [])
         if name not in s:
             why = path.error or (fails[-1] if fails else "no result")
-            lines.append(f"| {name} | FAILED: {_brief(why)} ||||||")
+            lines.append(f"| {name} | FAILED: {brief(why)} ||||||")
             continue
         r = s[name]
         dl = f"{r.delivered * 100:.2f}%" if r.delivered is not None else ""
@@ -556,31 +539,6 @@ def report(bench: Bench) -> str:
     return "\n".join(lines) + "\n"
 
 
-# -- helpers ---------------------------------------------------------------------
-
-
-def _terminate(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _tail(*files: Path, lines: int = 12) -> str:
-    text = ""
-    for f in files:
-        if f.exists():
-            text += f.read_text(errors="replace")
-    return _last_lines(text, lines) or "(no log)"
-
-
-def _last_lines(text: str, n: int) -> str:
-    return "\n".join(text.strip().splitlines()[-n:])
-
-
 # -- main ------------------------------------------------------------------------
 
 
@@ -612,7 +570,7 @@ def measure(bench: Bench) -> None:
                 run = wrk(bench, path)
             except (RuntimeError, subprocess.TimeoutExpired) as exc:
                 bench.failures.setdefault(name, []).append(str(exc))
-                print(f"round {rnd} {name:20} FAILED {_brief(str(exc))}", flush=True)
+                print(f"round {rnd} {name:20} FAILED {brief(str(exc))}", flush=True)
                 continue
             bench.results.setdefault(name, []).append(run)
             dl = f"  delivered {run.delivered * 100:.2f}%" if run.delivered is not None else ""

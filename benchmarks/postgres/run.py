@@ -18,7 +18,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -33,7 +32,16 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.procstat import cpu_seconds, family  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    brief,
+    cpu_seconds,
+    family,
+    last_lines,
+    stop_gateway,
+    tail,
+    terminate,
+    wait_drained,
+)
 from tests.support.gateway import GatewayError, GatewayProcess  # noqa: E402
 from tests.support.net import free_port, wait_listening  # noqa: E402
 from tests.support.pgcluster import SUPERUSER, PgCluster, server_ids  # noqa: E402
@@ -129,10 +137,10 @@ def start_pgbouncer(workdir: Path, primary: PgCluster) -> Target:
         extra_groups=[] if ids else None,
     )
     ok = wait_listening("127.0.0.1", port, timeout=10)
-    path = Target("pgbouncer", port, proc.pid, stop=lambda: _terminate(proc))
+    path = Target("pgbouncer", port, proc.pid, stop=lambda: terminate(proc))
     if not ok or proc.poll() is not None:
-        _terminate(proc)
-        path.error = "pgbouncer did not start: " + _tail(d / "stderr.log", d / "pgbouncer.log")
+        terminate(proc)
+        path.error = "pgbouncer did not start: " + tail(d / "stderr.log", d / "pgbouncer.log")
     return path
 
 
@@ -152,10 +160,10 @@ def start_pump(workdir: Path, primary: PgCluster) -> Target:
         stderr=subprocess.STDOUT,
     )
     ok = wait_listening("127.0.0.1", port, timeout=10)
-    path = Target("pump", port, proc.pid, stop=lambda: _terminate(proc))
+    path = Target("pump", port, proc.pid, stop=lambda: terminate(proc))
     if not ok or proc.poll() is not None:
-        _terminate(proc)
-        path.error = "pump did not start: " + _tail(log)
+        terminate(proc)
+        path.error = "pump did not start: " + tail(log)
     return path
 
 
@@ -207,45 +215,23 @@ def start_gateway(bench: Bench, name: str, mirror_port: int | None) -> Target:
     primary = bench.clusters[0]
     text, port = gateway_config(primary, mirror_port, primary.password)
     gw = GatewayProcess(text, workdir=bench.workdir / name)
-    path = Target(name, port, gateway=gw, stop=lambda: _stop_gateway(gw))
+    path = Target(name, port, gateway=gw, stop=lambda: stop_gateway(gw))
     try:
         gw.start()
         path.pid = gw.pid
         gw.wait_ready(port, timeout=15)
     except (GatewayError, OSError) as exc:
-        _stop_gateway(gw)
-        path.error = "gateway did not start: " + _last_lines(str(exc), 12)
+        stop_gateway(gw)
+        path.error = "gateway did not start: " + last_lines(str(exc), 12)
     return path
 
 
-def _stop_gateway(gw: GatewayProcess) -> None:
-    if gw.returncode is None and gw.proc is not None:
-        try:
-            gw.stop(timeout=15)
-        except GatewayError:
-            pass
 
 
-def _terminate(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
-def _tail(*files: Path, lines: int = 12) -> str:
-    text = ""
-    for f in files:
-        if f.exists():
-            text += f.read_text(errors="replace")
-    return _last_lines(text, lines) or "(no log)"
 
 
-def _last_lines(text: str, n: int) -> str:
-    return "\n".join(text.strip().splitlines()[-n:])
 
 
 def setup_path(bench: Bench, name: str) -> Target:
@@ -318,19 +304,6 @@ def mirror_counts(gw: GatewayProcess) -> tuple[float, float] | None:
     return offered, delivered
 
 
-def wait_drained(gw: GatewayProcess, timeout: float) -> None:
-    """Let a mirror finish its backlog so that it does not load the next run."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            busy = gw.sample_sum("mirrorgate_mirror_queue_units") + gw.sample_sum(
-                "mirrorgate_mirror_in_flight"
-            )
-        except Exception:  # noqa: BLE001
-            return
-        if busy == 0:
-            return
-        time.sleep(0.2)
 
 
 def pgbench(bench: Bench, path: Target, workload: str, tag: str) -> Run:
@@ -354,7 +327,7 @@ def pgbench(bench: Bench, path: Target, workload: str, tag: str) -> Run:
     cpu = cpu_after - cpu_before if cpu_after is not None and cpu_before is not None else None
     m = re.search(r"^tps = ([\d.]+) \(without initial connection time\)", result.stdout, re.M)
     if result.returncode != 0 or m is None:
-        raise RuntimeError(f"pgbench exit {result.returncode}: " + _last_lines(result.stderr, 8))
+        raise RuntimeError(f"pgbench exit {result.returncode}: " + last_lines(result.stderr, 8))
     latencies: list[int] = []
     for f in glob.glob(f"{prefix}.*"):
         with open(f) as fh:
@@ -384,11 +357,6 @@ def _num(x: float | None, fmt: str) -> str:
     return format(x, fmt) if x is not None else "n/a"
 
 
-def _brief(error: str) -> str:
-    """One table cell for an error: what failed, and the error's last line."""
-    lines = error.strip().splitlines() or ["?"]
-    text = lines[0] if len(lines) == 1 else f"{lines[0].split(':')[0]}: {lines[-1].strip()}"
-    return text.replace("|", "\\|")
 
 
 def summary(bench: Bench,
@@ -432,7 +400,7 @@ def report(bench: Bench) -> str:
             key = (name, workload)
             if key not in s:
                 why = bench.failures.get(key) or bench.paths[name].error or "no result"
-                lines.append(f"| {name} | {workload} | FAILED: {_brief(why)} ||||||||")
+                lines.append(f"| {name} | {workload} | FAILED: {brief(why)} ||||||||")
                 continue
             tps, p99, rss, dl, cpu = s[key]
             vs_nomirror = (
@@ -496,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in [n for n in PATHS if n in args.paths]:
             path = setup_path(bench, name)
             bench.paths[name] = path
-            status = _brief(path.error) if path.error else f"ready on port {path.port}"
+            status = brief(path.error) if path.error else f"ready on port {path.port}"
             print(f"{name}: {status}", flush=True)
         for rnd in range(args.rounds):
             for workload in WORKLOADS:

@@ -8,7 +8,6 @@
 # Knows the config contract (design.md §6) and metric names, nothing internal.
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from urllib.parse import quote
 
 import pytest
 
+from tests.support.faults import toml_value
 from tests.support.gateway import GatewayProcess
 from tests.support.net import free_port
 from tests.support.pgcluster import SUPERUSER, PgCluster
@@ -84,16 +84,6 @@ class Gateway:
         return self.process.log()
 
 
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a TOML basic string
-    if isinstance(value, Mapping):
-        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + " }"
-    raise TypeError(f"cannot write {value!r} as TOML")
 
 
 def render_config(primary: PgCluster, mirrors: list[MirrorSpec], port: int, admin: int,
@@ -114,20 +104,20 @@ def render_config(primary: PgCluster, mirrors: list[MirrorSpec], port: int, admi
         auth = quote(m.user, safe="") + "@" if m.user else ""
         db = "/" + quote(m.database, safe="") if m.database else ""
         password = m.cluster.password if m.password is _UNSET else m.password
-        lines += ["", "[[upstream]]", f"name = {_toml(m.name)}",
+        lines += ["", "[[upstream]]", f"name = {toml_value(m.name)}",
                   f'url = "postgres://{auth}127.0.0.1:{m.cluster.port}{db}"']
         if password is not None:
-            lines.append(f"password = {_toml(password)}")
+            lines.append(f"password = {toml_value(password)}")
         if m.users:
-            lines.append(f"users = {_toml(dict(m.users))}")
-        lines += [f"{k} = {_toml(v)}" for k, v in m.upstream.items()]
+            lines.append(f"users = {toml_value(dict(m.users))}")
+        lines += [f"{k} = {toml_value(v)}" for k, v in m.upstream.items()]
     lines += ["", "[[listener]]", f'name = "{LISTENER}"', 'protocol = "postgres"',
               f'listen = "127.0.0.1:{port}"', 'primary = "prod"']
-    lines += [f"{k} = {_toml(v)}" for k, v in (listener or {}).items()]
+    lines += [f"{k} = {toml_value(v)}" for k, v in (listener or {}).items()]
     for m in mirrors:
-        lines += ["", "[[listener.mirror]]", f"upstream = {_toml(m.name)}"]
+        lines += ["", "[[listener.mirror]]", f"upstream = {toml_value(m.name)}"]
         options = {"queue": DEFAULT_QUEUE, **m.options}
-        lines += [f"{k} = {_toml(v)}" for k, v in options.items()]
+        lines += [f"{k} = {toml_value(v)}" for k, v in options.items()]
     return "\n".join(lines) + "\n"
 
 

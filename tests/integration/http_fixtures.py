@@ -12,7 +12,6 @@
 # metric names (§7); nothing of the gateway's internals.
 from __future__ import annotations
 
-import json
 import socket
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -29,6 +28,7 @@ from tests.support.faults import (
     MirrorCounts,
     assert_balanced,
     counts,
+    toml_value,
     wait_at_rest,
 )
 from tests.support.httpserver import Behaviour, HttpServer, echo
@@ -78,18 +78,6 @@ def eventually(check: Callable[[], bool], what: str, timeout: float = 10.0) -> N
 # --------------------------------------------------------------------------- config
 
 
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a TOML basic string
-    if isinstance(value, Mapping):
-        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + " }"
-    if isinstance(value, Sequence):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
 
 
 Target = HttpServer | int  # a test server, or a port where nothing listens
@@ -138,25 +126,25 @@ def http_config(
         upstreams += [(m.name, _port(m.target)) for m in route.mirrors]
     lines = ["[general]"]
     general = {"shutdown_timeout": "5s", **(general or {})}
-    lines += [f"{k} = {_toml(v)}" for k, v in general.items()]
+    lines += [f"{k} = {toml_value(v)}" for k, v in general.items()]
     lines += ["", "[admin]", f'listen = "127.0.0.1:{ports.admin}"', ""]
     for name, port in upstreams:
-        lines += ["[[upstream]]", f"name = {_toml(name)}", f'url = "http://127.0.0.1:{port}"',
+        lines += ["[[upstream]]", f"name = {toml_value(name)}", f'url = "http://127.0.0.1:{port}"',
                   'connect_timeout = "2s"', ""]
-    lines += ["[[listener]]", f"name = {_toml(LISTENER)}", 'protocol = "http"',
+    lines += ["[[listener]]", f"name = {toml_value(LISTENER)}", 'protocol = "http"',
               f'listen = "127.0.0.1:{ports.listen}"', 'primary = "primary"']
-    lines += [f"{k} = {_toml(v)}" for k, v in (listener or {}).items()]
+    lines += [f"{k} = {toml_value(v)}" for k, v in (listener or {}).items()]
     lines.append("")
 
     def mirror_table(header: str, m: MirrorTo) -> list[str]:
-        out = [header, f"upstream = {_toml(m.name)}"]
-        return out + [f"{k} = {_toml(v)}" for k, v in m.options.items()] + [""]
+        out = [header, f"upstream = {toml_value(m.name)}"]
+        return out + [f"{k} = {toml_value(v)}" for k, v in m.options.items()] + [""]
 
     for m in mirrors:
         lines += mirror_table("[[listener.mirror]]", m)
     for i, route in enumerate(routes):
         lines += ["[[listener.route]]", f'primary = "route{i}-primary"']
-        lines += [f"{k} = {_toml(v)}" for k, v in route.match.items()] + [""]
+        lines += [f"{k} = {toml_value(v)}" for k, v in route.match.items()] + [""]
         for m in route.mirrors:
             lines += mirror_table("[[listener.route.mirror]]", m)
     return "\n".join(lines)

@@ -1,0 +1,101 @@
+# What every benchmark script does the same way: read a relay process's tree
+# and CPU time from /proc, stop a child process or a gateway, wait for a
+# gateway's mirrors to drain, and quote logs and errors in a report.
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from tests.support.gateway import GatewayError, GatewayProcess
+
+__all__ = [
+    "brief", "cpu_seconds", "family", "last_lines", "stop_gateway", "tail", "terminate",
+    "wait_drained",
+]
+
+
+def family(pid: int) -> list[int]:
+    """``pid`` and its descendants (nginx's workers, a gateway's children)."""
+    children: dict[int, list[int]] = {}
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.split("/")[2]))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU time of ``pid`` and its descendants so far (None: no pid)."""
+    if pid is None:
+        return None
+    ticks = 0
+    for p in family(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def stop_gateway(gw: GatewayProcess) -> None:
+    if gw.returncode is None and gw.proc is not None:
+        try:
+            gw.stop(timeout=15)
+        except GatewayError:
+            pass
+
+
+def wait_drained(gw: GatewayProcess, timeout: float) -> None:
+    """Let a mirror finish its backlog so that it does not load the next run."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            busy = gw.sample_sum("mirrorgate_mirror_queue_units") + gw.sample_sum(
+                "mirrorgate_mirror_in_flight"
+            )
+        except Exception:  # noqa: BLE001
+            return
+        if busy == 0:
+            return
+        time.sleep(0.2)
+
+
+def terminate(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def tail(*files: Path, lines: int = 12) -> str:
+    text = ""
+    for f in files:
+        if f.exists():
+            text += f.read_text(errors="replace")
+    return last_lines(text, lines) or "(no log)"
+
+
+def last_lines(text: str, n: int) -> str:
+    return "\n".join(text.strip().splitlines()[-n:])
+
+
+def brief(error: str) -> str:
+    """One table cell for an error: what failed, and the error's last line."""
+    lines = error.strip().splitlines() or ["?"]
+    text = lines[0] if len(lines) == 1 else f"{lines[0].split(':')[0]}: {lines[-1].strip()}"
+    return text.replace("|", "\\|")
