@@ -394,7 +394,6 @@ def relay(tmp_path: Path) -> Iterator[Callable[..., Relay]]:
 
     yield start
     launcher.stop_all()
-    broken = [f"{gw.log_path}:\n{gw.log_tail(60)}" for gw in launcher.started
-              if "Traceback" in gw.log()]
+    broken = launcher.tracebacks()
     if broken:
         pytest.fail("gateway logged a traceback:\n" + "\n".join(broken))

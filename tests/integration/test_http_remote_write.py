@@ -19,6 +19,7 @@ from typing import TypeVar
 import pytest
 
 from tests.integration.conftest import assert_balanced, drop_reasons, wait_drained
+from tests.support.faults import GatewayPorts, Launcher
 from tests.support.gateway import GatewayProcess
 from tests.support.net import free_port
 from tests.support.prometheus import Prometheus, PrometheusError, find_binary
@@ -110,27 +111,18 @@ def http_gateway(tmp_path: Path) -> Iterator[Callable[[int, int], HttpGateway]]:
     Every gateway started is stopped at teardown; a traceback in its log
     fails the test there.
     """
-    started: list[HttpGateway] = []
+    launcher = Launcher(tmp_path)
 
     def start(primary_port: int, mirror_port: int) -> HttpGateway:
-        port, admin = free_port(), free_port()
-        text = render_config(port, admin, primary_port, mirror_port)
-        proc = GatewayProcess(text, workdir=tmp_path / f"gw{len(started)}")
-        gw = HttpGateway(proc, port)
-        started.append(gw)
-        proc.start()
-        proc.wait_ready(port)
-        return gw
+        ports = GatewayPorts()
+        text = render_config(ports.listen, ports.admin, primary_port, mirror_port)
+        return HttpGateway(launcher(text, ports), ports.listen)
 
     yield start
-    problems = []
-    for gw in started:
-        if gw.process.returncode is None:
-            gw.process.stop()
-        if "Traceback" in gw.process.log():
-            problems.append(f"{gw.process.log_path}:\n{gw.process.log_tail(60)}")
-    if problems:
-        pytest.fail("gateway logged a traceback:\n" + "\n".join(problems))
+    launcher.stop_all()
+    broken = launcher.tracebacks()
+    if broken:
+        pytest.fail("gateway logged a traceback:\n" + "\n".join(broken))
 
 
 def eventually(check: Callable[[], T | None], timeout: float, what: str) -> T:

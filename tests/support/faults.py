@@ -649,3 +649,8 @@ class Launcher:
                     pass
             else:
                 gw._close_log()
+
+    def tracebacks(self) -> list[str]:
+        """The log tails of the gateways that logged a traceback."""
+        return [f"{gw.log_path}:\n{gw.log_tail(60)}" for gw in self.started
+                if "Traceback" in gw.log()]
