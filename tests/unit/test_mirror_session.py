@@ -1,7 +1,8 @@
 # MirrorSession: behaviours the accounting invariant alone does not show.
 import asyncio
-import time
 from types import SimpleNamespace
+
+import pytest
 
 from gateway.accounting import DropReason
 from gateway.mirror import Mirror, MirrorSession, Replayer, Unit
@@ -114,15 +115,18 @@ def test_a_set_whose_every_mirror_is_down_says_so_and_counts_uncut_units() -> No
     assert not half.down and half.down_until() == 0.0
 
 
-def test_a_set_whose_every_queue_is_full_is_down_until_asked_again() -> None:
+def test_a_set_whose_every_queue_is_full_is_down_until_asked_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from gateway.mirror import MirrorSet
 
+    monkeypatch.setattr("gateway.mirror._clock", lambda: 123.0)
     mirror, _ = _mirror(queue=1)
     full = MirrorSet([MirrorSession(mirror, ScriptedReplayer([]))], [])
     full.offer(Unit(b"a"))
     assert not full.down  # queued
     full.offer(Unit(b"b"))
-    assert full.down and 0.0 < full.down_until() <= time.monotonic()
+    assert full.down and full.down_until() == 123.0  # "now": only the worker can tell
     full.drop_unoffered(3)
     assert mirror.stats.dropped[DropReason.QUEUE_FULL] == 2 and mirror.stats.balanced()
 
