@@ -250,6 +250,7 @@ class HttpSession(asyncio.Protocol, ClientSession):
         self.closed = False
         self.partial = False    # bytes of a request head arrived, the head did not
         self.client_eof = False  # the client closed its sending side
+        self.client_slow = False  # the client's socket buffer is full: the primary waits
         self.since = 0.0        # waiting for a request head since
         self.stats = self.context.stats
 
@@ -307,11 +308,13 @@ class HttpSession(asyncio.Protocol, ClientSession):
         self._finish()
 
     def pause_writing(self) -> None:
+        self.client_slow = True
         current = self.current
         if current is not None and current.conn is not None and current.conn.transport:
             current.conn.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self.client_slow = False
         current = self.current
         if current is not None and current.conn is not None and current.conn.transport:
             current.conn.transport.resume_reading()
@@ -535,6 +538,7 @@ class HttpSession(asyncio.Protocol, ClientSession):
         if ex is None or self.transport is None:
             return
         out: list[bytes] = []  # one write (writev) per primary read
+        ex.since = _clock()  # the primary is alive (primary_timeout)
         for event in events:
             if type(event) is Body:
                 if ex.out_chunked:
@@ -677,9 +681,20 @@ class HttpSession(asyncio.Protocol, ClientSession):
             return
         ex = self.current
         if ex is not None:
-            if ex.sent and not ex.answered and now - ex.since > primary_timeout:
-                self._fail(504, f"primary {ex.route.primary.name} did not answer within "
-                           f"{primary_timeout:g}s")
+            # The primary has had the whole request and said nothing for
+            # primary_timeout (not even a body chunk), while the client was
+            # ready to read: before its response head, a 504; after it, the
+            # client must see the response cut.
+            if ex.sent and now - ex.since > primary_timeout and not self.client_slow:
+                name = ex.route.primary.name
+                if not ex.answered:
+                    self._fail(504, f"primary {name} did not answer within "
+                               f"{primary_timeout:g}s")
+                else:
+                    log.warning("client %s: primary %s sent nothing for %gs in the middle "
+                                "of a response; connection closed", self.peer.decode(),
+                                name, primary_timeout)
+                    self._abandon()
             return
         if self.backlog:
             return

@@ -435,3 +435,23 @@ def test_a_half_closed_client_gets_its_answer_then_the_connection_closes(
     response = parsed[0]
     assert response.status == 200 and response.body == b"POST /half\nlast words"
     assert closed, "the gateway kept a half-closed connection open after answering"
+
+
+def test_a_primary_that_stalls_mid_response_is_cut_after_primary_timeout(
+    servers: Servers, relay: Relays
+) -> None:
+    stalled = threading.Event()  # never set: the primary sends 10 bytes, then nothing
+    body = b"x" * 100
+    r = relay(servers(Reply(200, (), body, pause_at=10, resume=stalled)),
+              listener={"primary_timeout": "1s"})
+    try:
+        with r.raw(timeout=20) as c:
+            c.send(request_bytes("GET", "/stall"))
+            data, closed = c.read_to_close(timeout=20)
+    finally:
+        stalled.set()
+    assert closed, "the gateway held the client on a primary that stopped sending"
+    head, _, got = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"Content-Length: 100" in head
+    assert got == body[:10]  # cut, never completed or padded
+    assert "sent nothing for 1s in the middle of a response" in r.gw.log()
