@@ -225,7 +225,7 @@ class _Exchange:
         self.mirror_limit = 0    # the largest body any chosen mirror takes
         self.out_chunked = False  # the response is chunked towards the client
         self.close_after = head.close_after or not head.keep_alive
-        self.since = 0.0         # when the request was sent whole (primary_timeout)
+        self.since = 0.0         # request sent whole, then each primary read (primary_timeout)
         self.started = 0.0       # when its head arrived (primary latency)
         self.reuse = False       # the primary keeps its connection open after
         self.out: list[bytes] = []  # for the primary, written once per client read
