@@ -36,8 +36,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     _, _, config = _load(args.config)
     if config is None:
         return 1
-    print(f"{args.config}: ok ({len(config.listeners)} listeners, "
-          f"{len(config.upstreams)} upstreams)")
+    print(f"{args.config}: ok ({_count(len(config.listeners), 'listener')}, "
+          f"{_count(len(config.upstreams), 'upstream')})")
     return 0
 
 
@@ -111,3 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

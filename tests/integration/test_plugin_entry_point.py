@@ -230,7 +230,7 @@ def test_lines_protocol_exists_only_where_the_plugin_is_installed(
     config = _config(16001, 16002, 16003, 16004)
     with_plugin = _check(config, tmp_path, plugin_site)
     assert with_plugin.returncode == 0, with_plugin.stderr
-    assert "ok (1 listeners, 2 upstreams)" in with_plugin.stdout
+    assert "ok (1 listener, 2 upstreams)" in with_plugin.stdout
     without = _check(config, tmp_path, None)
     assert without.returncode == 1
     assert "unknown protocol 'lines'" in without.stderr
