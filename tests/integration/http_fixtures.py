@@ -6,8 +6,8 @@
 # config with one HTTP listener, its mirrors and routes, starts the gateway and
 # stops it at teardown, failing the test on a traceback in its log), the config
 # renderer, RawClient (a socket that reads HTTP/1.1 responses one by one, for
-# pipelining, interim responses and closes), the hop-by-hop header rules of
-# RFC 9110 §7.6.1, and `eventually`, a poll with a deadline.
+# pipelining, interim responses and closes), and the hop-by-hop header rules of
+# RFC 9110 §7.6.1.
 # Knows the config contract (design.md §6, the HTTP keys of issue 3) and the
 # metric names (§7); nothing of the gateway's internals.
 from __future__ import annotations
@@ -65,14 +65,6 @@ def nonzero(counts: Mapping[str, float]) -> dict[str, float]:
     """``counts`` without the zero entries (/metrics lists every outcome and reason)."""
     return {k: v for k, v in counts.items() if v}
 
-
-def eventually(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    """Poll ``check`` until it holds; fail the test with ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout}s: {what}")
-        time.sleep(0.02)
 
 
 # --------------------------------------------------------------------------- config

@@ -22,13 +22,13 @@ from tests.integration.http_fixtures import (
     RawClient,
     RawResponse,
     Relay,
-    eventually,
     parse_response,
     request_bytes,
 )
 from tests.integration.http_fixtures import relay as relay
 from tests.integration.http_fixtures import servers as servers
 from tests.support.httpserver import HttpServer
+from tests.support.waiting import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 

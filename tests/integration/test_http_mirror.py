@@ -15,11 +15,12 @@ from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
-from tests.integration.http_fixtures import MirrorTo, Relay, eventually, nonzero
+from tests.integration.http_fixtures import MirrorTo, Relay, nonzero
 from tests.integration.http_fixtures import relay as relay
 from tests.integration.http_fixtures import servers as servers
 from tests.support.httpserver import HttpServer, Reply, Request, echo_body
 from tests.support.net import free_port
+from tests.support.waiting import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 

@@ -24,7 +24,6 @@ from tests.integration.http_fixtures import (
     Relay,
     Route,
     end_to_end,
-    eventually,
     http_config,
     parse_response,
     request_bytes,
@@ -36,6 +35,7 @@ from tests.support.faults import GatewayPorts
 from tests.support.gateway import GatewayProcess
 from tests.support.httpserver import HttpServer, Reply, Request, echo, echo_body
 from tests.support.net import free_port
+from tests.support.waiting import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 

@@ -23,6 +23,7 @@ from tests.support.faults import GatewayPorts, Launcher
 from tests.support.gateway import GatewayProcess
 from tests.support.net import free_port
 from tests.support.prometheus import Prometheus, PrometheusError, find_binary
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -125,16 +126,6 @@ def http_gateway(tmp_path: Path) -> Iterator[Callable[[int, int], HttpGateway]]:
         pytest.fail("gateway logged a traceback:\n" + "\n".join(broken))
 
 
-def eventually(check: Callable[[], T | None], timeout: float, what: str) -> T:
-    """Poll ``check`` until it returns something other than None or False."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result is not None and result is not False:
-            return result
-        time.sleep(0.25)
-    pytest.fail(f"not within {timeout}s: {what}")
-
 
 def label_sets(server: Prometheus, match: str) -> LabelSets:
     return {frozenset(s.items()) for s in server.series(match)}
@@ -156,7 +147,7 @@ def has_job(server: Prometheus) -> bool:
 
 def wait_for_job(*receivers: Prometheus) -> None:
     for r in receivers:
-        eventually(partial(has_job, r), 20, f"series of job {JOB} reach {r.name}")
+        eventually(partial(has_job, r), f"series of job {JOB} reach {r.name}", 20, interval=0.25)
 
 
 def assert_sender_saw_no_failure(sender: Prometheus) -> None:
@@ -178,8 +169,8 @@ def test_remote_write_lands_alike_on_primary_and_mirror(
         wait_for_job(receiver_a, receiver_b)
         stored = label_sets(sender, SELECTOR)
         for r in (receiver_a, receiver_b):
-            eventually(partial(holds_all, r, stored), 15,
-                       f"every series the sender stored reaches {r.name}")
+            eventually(partial(holds_all, r, stored),
+                       f"every series the sender stored reaches {r.name}", 15, interval=0.25)
         assert_sender_saw_no_failure(sender)
         assert sender.stop() == 0  # flushes its queue: nothing is in flight after this
 
@@ -222,14 +213,14 @@ def test_dead_mirror_costs_the_sender_nothing(
 
         # Every series the sender has stored so far reaches the primary...
         stored = label_sets(sender, SELECTOR)
-        eventually(partial(holds_all, receiver_a, stored), 15,
-                   f"every series the sender stored reaches {PRIMARY}")
+        eventually(partial(holds_all, receiver_a, stored),
+                   f"every series the sender stored reaches {PRIMARY}", 15, interval=0.25)
 
         # ...and `up` samples keep arriving.
         seen = receiver_a.query_value(UP_COUNT) or 0.0
         for _ in range(2):
-            seen = eventually(partial(grown, receiver_a, UP_COUNT, seen), 10,
-                              f"more `up` samples on {PRIMARY} than {seen}")
+            seen = eventually(partial(grown, receiver_a, UP_COUNT, seen),
+                              f"more `up` samples on {PRIMARY} than {seen}", 10, interval=0.25)
 
         # Every sample up to the sender's latest scrape: scrapes of one target
         # are appended in order, so the sender's count up to then is final.
@@ -237,8 +228,9 @@ def test_dead_mirror_costs_the_sender_nothing(
         assert at is not None
         want = sender.query_value(UP_COUNT, at)
         assert want is not None
-        eventually(lambda: receiver_a.query_value(UP_COUNT, at) == want, 15,
-                   f"{PRIMARY} holds all {want} `up` samples the sender had at {at}")
+        eventually(lambda: receiver_a.query_value(UP_COUNT, at) == want,
+                   f"{PRIMARY} holds all {want} `up` samples the sender had at {at}", 15,
+                   interval=0.25)
 
         assert_sender_saw_no_failure(sender)
         assert sender.stop() == 0

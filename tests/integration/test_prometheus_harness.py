@@ -5,14 +5,14 @@
 # stores, and that a failed start says why. Nothing here touches the gateway.
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TypeVar
 
 import httpx
 import pytest
 
 from tests.support.prometheus import Prometheus, PrometheusError, find_binary
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -30,16 +30,6 @@ def receiver() -> Iterator[Prometheus]:
         yield server
 
 
-def eventually(check: Callable[[], T | None], timeout: float, what: str) -> T:
-    """Poll ``check`` until it returns something other than None or False."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result is not None and result is not False:
-            return result
-        time.sleep(0.25)
-    pytest.fail(f"not within {timeout}s: {what}")
-
 
 def label_sets(series: list[dict[str, str]]) -> set[frozenset[tuple[str, str]]]:
     return {frozenset(s.items()) for s in series}
@@ -48,14 +38,15 @@ def label_sets(series: list[dict[str, str]]) -> set[frozenset[tuple[str, str]]]:
 def test_sender_delivers_every_series_and_sample_to_a_receiver(receiver: Prometheus) -> None:
     with Prometheus("sender", remote_write=receiver.write_url, job=JOB) as sender:
         selector = f'{{job="{JOB}"}}'
-        eventually(lambda: JOB in receiver.label_values("job"), 20, "the job reaches the receiver")
+        eventually(lambda: JOB in receiver.label_values("job"),
+                   "the job reaches the receiver", 20, interval=0.25)
         assert receiver.query_value(f'up{{job="{JOB}"}}') == 1.0
 
         # Everything the sender stored up to now must arrive, label set for label set.
         stored = label_sets(sender.series(selector))
         assert len(stored) > 100  # a Prometheus exposes hundreds of its own series
-        eventually(lambda: stored <= label_sets(receiver.series(selector)), 15,
-                   "every series stored by the sender reaches the receiver")
+        eventually(lambda: stored <= label_sets(receiver.series(selector)),
+                   "every series stored by the sender reaches the receiver", 15, interval=0.25)
 
         # And every sample, up to the sender's latest scrape: scrapes of one
         # target are appended in order, so the sender's count up to that
@@ -65,8 +56,8 @@ def test_sender_delivers_every_series_and_sample_to_a_receiver(receiver: Prometh
         count = f'count_over_time(up{{job="{JOB}"}}[10m])'
         want = sender.query_value(count, at)
         assert want is not None and want >= 1
-        eventually(lambda: receiver.query_value(count, at) == want, 15,
-                   f"the receiver holds all {want} `up` samples up to {at}")
+        eventually(lambda: receiver.query_value(count, at) == want,
+                   f"the receiver holds all {want} `up` samples up to {at}", 15, interval=0.25)
 
         # The sender's own counters, read live: nothing failed or was retried.
         assert sender.metric_sum("prometheus_remote_storage_samples_total") > 0
