@@ -71,7 +71,7 @@ class GatewayCollector(Collector):
             clients.add_metric([name], st.client_connections)
             units.add_metric([name], st.primary_units)
             plat.add_metric([name], _buckets(st.primary_latency), st.primary_latency.sum)
-            for mirror in ctx.mirrors:
+            for mirror in ctx.all_mirrors:
                 ms = mirror.stats
                 labels = [name, mirror.name]
                 offered.add_metric(labels, ms.offered)

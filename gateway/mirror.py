@@ -203,6 +203,11 @@ class Replayer(abc.ABC):
     def cancel(self) -> None:  # noqa: B027 - optional hook
         """Best effort: ask the mirror to stop the unit it is running."""
 
+    def reconfigure(self) -> None:  # noqa: B027 - optional hook
+        """A reload changed the mirror's settings (``mirror.config``): read
+        again what was taken from them (timeouts, header rewrites). Called
+        between units, at the protocol's next boundary."""
+
     @abc.abstractmethod
     async def close(self) -> None:
         """The session is over: give the mirror connection back or close it."""
@@ -227,6 +232,16 @@ class MirrorSession:
         self._aborted = False
         self._bug_logged = False
         self._current: Unit | None = None
+        # The sampling fraction this session was taken at (Postgres exposure),
+        # so that a reload lowering it keeps the same share of live sessions.
+        self.sampled_at = 1.0
+
+    def refresh(self) -> None:
+        """Take the mirror's settings again after a reload (queue bounds,
+        and whatever the replayer read from them)."""
+        self._limit = self.mirror.config.queue
+        self._budget = self.mirror.config.queue_bytes
+        self.replayer.reconfigure()
 
     # -- the offering side (synchronous, called from the protocol relay) --
 
@@ -459,8 +474,12 @@ class MirrorSession:
                     # sessions and listeners share the process.
                     if not self._bug_logged:
                         self._bug_logged = True
-                        log.exception("mirror %s: replayer failed; unit dropped as mirror_error",
-                                      self.mirror.name)
+                        mirror = self.mirror
+                        log.exception("replayer failed; unit dropped as mirror_error",
+                                      extra={"listener": mirror.stats.listener,
+                                             "mirror": mirror.name,
+                                             "upstream": getattr(mirror.upstream, "name",
+                                                                 None)})
                     reason = DropReason.MIRROR_ERROR
                 finally:
                     self._current = None
@@ -525,7 +544,13 @@ async def _shielded_close(replayer: Replayer) -> None:
 
 
 class Mirror:
-    """One [[listener.mirror]] at run time: its config, counters and live sessions."""
+    """One [[listener.mirror]] at run time: its config, counters and live sessions.
+
+    A reload changes ``config`` and ``upstream`` in place, so the counters
+    carry on; a mirror the new config no longer has is ``retired``: live
+    sessions close their queue to it at their next boundary, and it takes no
+    new session.
+    """
 
     def __init__(self, listener: str, config: Any, upstream: Any,
                  spawn: Callable[..., Any]) -> None:
@@ -534,7 +559,13 @@ class Mirror:
         self.name: str = config.name
         self.stats = MirrorStats(listener, self.name)
         self.sessions: set[MirrorSession] = set()
+        self.retired = False
         self._spawn = spawn
+
+    def reconfigure(self, config: Any, upstream: Any) -> None:
+        self.config = config
+        self.upstream = upstream
+        self.retired = False
 
     def open_session(self, replayer: Replayer) -> MirrorSession:
         """A queue and a worker for one client session."""
@@ -607,6 +638,18 @@ class MirrorSet:
         else:
             unit.chunks[-1] = None
         unit._wake()
+
+    def reconfigure(self, keep: Callable[[MirrorSession], bool]) -> None:
+        """After a reload, at a boundary of the client session: close the queues
+        ``keep`` refuses (they drain, then end) and refresh the others."""
+        kept = []
+        for s in self.sessions:
+            if keep(s):
+                s.refresh()
+                kept.append(s)
+            else:
+                s.close()
+        self.sessions = kept
 
     def close(self) -> None:
         for s in self.sessions:

@@ -44,6 +44,7 @@ class UpstreamPool(Generic[C]):
         self._delay = 0.0
         self._retry_at = 0.0
         self.failures = 0
+        self.retired = False  # a reload moved the upstream: connections in use close
 
     def take(self, key: Hashable) -> C | None:
         conns = self._idle.get(key)
@@ -70,6 +71,10 @@ class UpstreamPool(Generic[C]):
         return False
 
     def put(self, key: Hashable, conn: C) -> None:
+        if self.retired:
+            conn.close()
+            self.open -= 1
+            return
         self._idle.setdefault(key, []).append(conn)
         self._idle_count += 1
 
@@ -105,6 +110,12 @@ class UpstreamPool(Generic[C]):
                 self.open -= 1
         self._idle.clear()
         self._idle_count = 0
+
+    def retire(self) -> None:
+        """A reload changed the upstream's address (or removed it): close idle
+        connections now, and those in use when they come back."""
+        self.retired = True
+        self.close_idle()
 
     def __repr__(self) -> str:
         state = "up" if self.available() else f"backoff {self._delay:.1f}s"

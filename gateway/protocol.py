@@ -11,19 +11,20 @@ from __future__ import annotations
 import abc
 import asyncio
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import attrs
 
 from .accounting import ListenerStats
-from .mirror import Mirror, MirrorSet, Replayer, sample
+from .mirror import Mirror, MirrorSession, MirrorSet, Replayer, sample
 from .pool import UpstreamPool
 
 if TYPE_CHECKING:
     from .config import Config, Listener, Upstream
     from .config import Mirror as MirrorConfig
 
-__all__ = ["ClientSession", "ListenerContext", "NoOptions", "ProtocolHandler"]
+__all__ = ["ClientSession", "Control", "ListenerContext", "NoOptions", "ProtocolHandler",
+           "ReloadResult"]
 
 
 @attrs.frozen
@@ -32,11 +33,54 @@ class NoOptions:
 
 
 class ClientSession(abc.ABC):
-    """What the core needs of a live client session: a way to end it."""
+    """What the core needs of a live client session: a way to end it, and what
+    to show of it to an operator."""
 
     @abc.abstractmethod
     def abort(self) -> None:
         """Close the client and its upstream connections now (shutdown deadline)."""
+
+    def describe(self) -> dict[str, Any]:
+        """The session for SHOW CLIENTS and /status: JSON-ready values, never a
+        secret (say ``peer``, ``since`` as a Unix time, ``user``, ``database``,
+        ``mirrors``: the names of the mirrors it is mirrored to)."""
+        return {}
+
+
+@attrs.frozen
+class ReloadResult:
+    """What a reload did: ``ok`` False means the old config still serves and
+    ``message`` says why (with the file's line, for a config that does not
+    validate); ``changes`` lists what was applied, one line each."""
+
+    ok: bool
+    message: str
+    changes: tuple[str, ...] = ()
+
+
+class Control(Protocol):
+    """What the running gateway offers its operators: the admin listener and a
+    protocol's admin console (``ListenerContext.control``)."""
+
+    @property
+    def config(self) -> Config:
+        """The configuration serving now."""
+
+    @property
+    def started(self) -> float:
+        """When the gateway started serving (Unix time)."""
+
+    def listeners(self) -> list[ListenerContext]:
+        """The listeners serving now, in config order."""
+
+    def bound(self, context: ListenerContext) -> bool:
+        """Whether the listener's socket is open."""
+
+    def upstream_pools(self) -> dict[str, UpstreamPool[Any]]:
+        """Mirror connection pools by upstream name (reachability, backoff)."""
+
+    async def reload(self) -> ReloadResult:
+        """Read the config file again and apply it (see docs/operations.md)."""
 
 
 class ListenerContext:
@@ -64,6 +108,19 @@ class ListenerContext:
         ]
         self.sessions: set[ClientSession] = set()
         self.accepting = True
+        # Set by the gateway: its operator interface (None in unit tests).
+        self.control: Control | None = None
+        # Upstreams this listener sends client traffic to (its own primary and
+        # those of a protocol's routes, recorded by ``upstream``): /readyz
+        # checks that they answer.
+        self.primaries: dict[str, Upstream] = {self.primary.name: self.primary}
+        # Mirrors a reload removed: their counters stay exported, their live
+        # queues drain; a reload that names them again brings them back.
+        self.retired: list[Mirror] = []
+        # Bumped by each reload: sessions compare it at their next boundary.
+        self.generation = 0
+        self._reloading: dict[str, Mirror] | None = None  # by name, during a reload
+        self._previous: list[str] = []
 
     # -- client sessions --
 
@@ -96,34 +153,104 @@ class ListenerContext:
         """
         sessions, skipped = [], []
         for mirror in self.mirrors if mirrors is None else mirrors:
-            take = sampled(mirror) if sampled else sample(
-                getattr(mirror.config.options, "exposure", 1.0))
-            if take:
-                sessions.append(mirror.open_session(replayer(mirror)))
+            exposure = 1.0 if sampled else _exposure(mirror)
+            if sampled(mirror) if sampled else sample(exposure):
+                session = mirror.open_session(replayer(mirror))
+                session.sampled_at = exposure
+                sessions.append(session)
             else:
                 skipped.append(mirror.stats)
         return MirrorSet(sessions, skipped)
 
+    def still_sampled(self, session: MirrorSession) -> bool:
+        """After a reload: whether a live session keeps mirroring to this
+        mirror. Not if the mirror was removed; if its ``exposure`` was lowered,
+        the same share of sessions as new ones would get (none for 0); a raise
+        adds no mirror to a session that sampling left out."""
+        mirror = session.mirror
+        if mirror.retired:
+            return False
+        now = _exposure(mirror)
+        was = session.sampled_at
+        if now >= was:
+            return True
+        session.sampled_at = now
+        return sample(now / was)
+
+    @property
+    def all_mirrors(self) -> list[Mirror]:
+        """Serving and retired mirrors: what metrics export and shutdown drains."""
+        return [*self.mirrors, *self.retired]
+
     def add_mirror(self, config: MirrorConfig) -> Mirror:
         """Run a mirror declared outside ``[[listener.mirror]]`` (in a protocol's
         own tables, such as an HTTP route's), counted and drained with the others.
+
+        During ``ProtocolHandler.reconfigure`` it returns the running mirror of
+        that name, with the new settings, so its counters carry on.
         """
-        mirror = Mirror(self.name, config, self.config.upstreams[config.upstream], self.spawn)
+        upstream = self.config.upstreams[config.upstream]
+        if self._reloading is not None:
+            known = self._reloading.get(config.name)
+            if known is not None:
+                known.reconfigure(config, upstream)
+                if known not in self.mirrors:
+                    self.mirrors.append(known)
+                return known
+        mirror = Mirror(self.name, config, upstream, self.spawn)
         self.mirrors.append(mirror)
         return mirror
 
     def upstream(self, name: str) -> Upstream:
-        """An upstream by name (a protocol's own tables may name other primaries)."""
-        return self.config.upstreams[name]
+        """A primary by name that a protocol's own tables name (an HTTP route's)."""
+        upstream = self.config.upstreams[name]
+        self.primaries[name] = upstream
+        return upstream
 
     def pool_for(self, mirror: Mirror) -> UpstreamPool[Any]:
         return self.pools[mirror.upstream.name]
+
+    # -- reload --
+
+    def begin_reload(self, config: Config, listener: Listener) -> None:
+        """Take a new config for this listener (same name and protocol): the
+        listener's own mirrors are matched by name; the protocol handler's
+        ``reconfigure`` then claims those of its own tables with
+        ``add_mirror``, and ``end_reload`` retires the rest."""
+        self.config = config
+        self.listener = listener
+        self.options = listener.options
+        self.primary = config.upstreams[listener.primary]
+        self.primaries = {self.primary.name: self.primary}
+        self.startup_timeout = config.general.startup_timeout
+        self._previous = [m.name for m in self.mirrors]
+        self._reloading = {m.name: m for m in self.all_mirrors}
+        self.mirrors = []
+        for m in listener.mirrors:
+            self.add_mirror(m)
+
+    def end_reload(self) -> tuple[list[str], list[str]]:
+        """Retire the mirrors no table claimed; sessions see the change at
+        their next boundary. Returns the names (added, removed)."""
+        known = self._reloading or {}
+        self._reloading = None
+        for mirror in known.values():
+            mirror.retired = mirror not in self.mirrors
+        self.retired = [m for m in known.values() if m.retired]
+        self.generation += 1
+        names = [m.name for m in self.mirrors]
+        return ([n for n in names if n not in self._previous],
+                [n for n in self._previous if n not in names])
 
     def __repr__(self) -> str:
         return (
             f"<ListenerContext {self.name} clients={len(self.sessions)} "
             f"mirrors={[m.name for m in self.mirrors]}>"
         )
+
+
+def _exposure(mirror: Mirror) -> float:
+    return float(getattr(mirror.config.options, "exposure", 1.0))
 
 
 class ProtocolHandler(abc.ABC):
@@ -143,6 +270,13 @@ class ProtocolHandler(abc.ABC):
     @abc.abstractmethod
     def client_protocol(self) -> asyncio.Protocol:
         """A new asyncio Protocol for one accepted client connection."""
+
+    def reconfigure(self) -> None:  # noqa: B027 - optional hook
+        """A reload gave the context a new config (``context.listener``,
+        ``options``, ``primary``, mirrors). Rebuild what was derived from it;
+        claim mirrors of the protocol's own tables with ``context.add_mirror``.
+        Live sessions pick the change up at their next boundary, where they
+        compare ``context.generation``."""
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """The listener is closing and its sessions are gone: release what is left."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import TYPE_CHECKING
 
 from gateway import ListenerContext, ProtocolHandler, ProtocolRegistry, hookimpl
 
@@ -20,6 +21,9 @@ from .options import HttpListenerOptions, HttpMirrorOptions, Route
 from .parse import IMPLEMENTATION
 from .relay import SWEEP_INTERVAL, HttpSession, PrimaryPool
 from .routing import RouteTarget
+
+if TYPE_CHECKING:
+    from gateway.config import Upstream
 
 __all__ = ["HttpListenerOptions", "HttpMirrorOptions", "HttpProtocol", "Route"]
 
@@ -38,24 +42,47 @@ class HttpProtocol(ProtocolHandler):
 
     def __init__(self, context: ListenerContext) -> None:
         super().__init__(context)
+        self.routes: list[RouteTarget] = []
+        self.default = RouteTarget(b"", frozenset(), None, context.primary, [])
+        self._build({})
+        context.spawn(self._sweep)
+
+    def reconfigure(self) -> None:
+        """A reload: new routes, mirrors and options from the next request.
+        Idle primary connections are kept where a route's primary is unchanged."""
+        old = {_pool_key(t.primary): t.pool for t in [*self.routes, self.default]}
+        kept = self._build(dict(old))
+        for key, pool in old.items():
+            if key not in kept:
+                pool.retire()
+
+    def _build(self, pools: dict[tuple[object, ...], PrimaryPool]) -> set[tuple[object, ...]]:
+        context = self.context
         options: HttpListenerOptions = context.options  # type: ignore[assignment]
         self.options = options
-        self.routes: list[RouteTarget] = []
+        routes: list[RouteTarget] = []
         for route in options.route:
             mirrors = [context.add_mirror(m) for m in route.mirror]
-            self.routes.append(RouteTarget(
+            routes.append(RouteTarget(
                 route.prefix.encode(), frozenset(m.upper().encode() for m in route.methods),
                 None if route.host is None else route.host.lower().encode(),
                 context.upstream(route.primary), mirrors))
         listener_mirrors = [m for m in context.mirrors
-                            if all(m not in r.mirrors for r in self.routes)]
-        self.default = RouteTarget(b"", frozenset(), None, context.primary, listener_mirrors)
+                            if all(m not in r.mirrors for r in routes)]
+        default = RouteTarget(b"", frozenset(), None, context.primary, listener_mirrors)
         for mirror in context.mirrors:
             for outcome in OUTCOMES:
                 mirror.stats.delivered.setdefault(outcome, 0)
-        for target in [*self.routes, self.default]:
-            target.pool = PrimaryPool(target.primary)
-        context.spawn(self._sweep)
+        kept = set()
+        for target in [*routes, default]:
+            key = _pool_key(target.primary)
+            if key not in pools:
+                pools[key] = PrimaryPool(target.primary)
+            else:
+                kept.add(key)
+            target.pool = pools[key]
+        self.routes, self.default = routes, default
+        return kept
 
     async def _sweep(self) -> None:
         """Time out slow request heads, idle connections and late primaries.
@@ -64,10 +91,10 @@ class HttpProtocol(ProtocolHandler):
         request on the hot path.
         """
         context = self.context
-        options = self.options
-        head_timeout = context.startup_timeout
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
+            options = self.options  # a reload may have changed them
+            head_timeout = context.startup_timeout
             now = time.monotonic()
             accepting = context.accepting
             for session in list(context.sessions):
@@ -87,6 +114,12 @@ class HttpProtocol(ProtocolHandler):
     async def aclose(self) -> None:
         for target in [*self.routes, self.default]:
             target.pool.close()
+
+
+def _pool_key(upstream: Upstream) -> tuple[object, ...]:
+    """Routes whose primary is the same server share idle connections."""
+    return (upstream.name, upstream.host, upstream.port, upstream.pool_size,
+            upstream.connect_timeout)
 
 
 @hookimpl

@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from gateway import (
@@ -29,6 +31,8 @@ if TYPE_CHECKING:
     from .options import HttpMirrorOptions
 
 __all__ = ["HttpReplayer", "MirrorConn", "MirrorRequest", "Rewrite"]
+
+log = logging.getLogger("mirrorgate.http.mirror")
 
 OUTCOMES = {2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 # Retries wait this long at first, doubling, and never longer than the cap
@@ -207,11 +211,20 @@ def _retry_after(headers: list[tuple[bytes, bytes]]) -> float | None:
 class HttpReplayer(Replayer):
     """Delivers one client connection's requests to one mirror, in order."""
 
-    def __init__(self, mirror: Mirror, pool: UpstreamPool[Any]) -> None:
-        options: HttpMirrorOptions = mirror.config.options
+    def __init__(self, mirror: Mirror, pool: UpstreamPool[Any],
+                 pools: Mapping[str, UpstreamPool[Any]] | None = None) -> None:
         self.mirror = mirror
         self.pool = pool
+        self._pools = pools  # the gateway's pools by upstream name, for reloads
+        self.reconfigure()
+
+    def reconfigure(self) -> None:
+        """Take the mirror's settings; after a reload, from the next request."""
+        mirror = self.mirror
+        options: HttpMirrorOptions = mirror.config.options
         self.upstream = mirror.upstream
+        if self._pools is not None:
+            self.pool = self._pools.get(mirror.upstream.name, self.pool)
         self.timeout: float = mirror.config.timeout
         self.retries = options.retries
         self.rewrite = Rewrite(options)
@@ -279,6 +292,10 @@ class HttpReplayer(Replayer):
         except OSError as exc:
             pool.discard()
             pool.connect_failed()
+            log.warning("mirror unreachable at %s:%d: %s; backing off", self.upstream.host,
+                        self.upstream.port, exc.strerror or exc,
+                        extra={"listener": self.mirror.stats.listener, "mirror": self.mirror.name,
+                               "upstream": self.upstream.name})
             raise MirrorUnavailable(f"cannot connect to {pool.name}: {exc}") from None
         except BaseException:
             pool.discard()

@@ -34,7 +34,7 @@ def _context() -> SimpleNamespace:
     stats = ListenerStats("db")
     stats.primary_units = 2
     stats.primary_latency.observe(0.001)
-    return SimpleNamespace(name="db", stats=stats, mirrors=[mirror])
+    return SimpleNamespace(name="db", stats=stats, mirrors=[mirror], all_mirrors=[mirror])
 
 
 def test_every_metric_of_the_design_is_exposed_with_its_labels() -> None:
