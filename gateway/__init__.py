@@ -21,13 +21,23 @@ from .mirror import (
 )
 from .plugins import PluginError, ProtocolRegistry, hookimpl
 from .pool import UpstreamPool
-from .protocol import ClientSession, ListenerContext, NoOptions, ProtocolHandler
+from .protocol import (
+    ClientSession,
+    Control,
+    ListenerContext,
+    NoOptions,
+    ProtocolHandler,
+    ReloadResult,
+)
+from .secrets import is_secret_header
+from .status import mirror_health
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ClientSession", "DropReason", "Duration", "ListenerContext", "ListenerStats", "Mirror",
-    "MirrorConfig", "MirrorError", "MirrorSession", "MirrorSet", "MirrorStats", "MirrorTimeout",
-    "MirrorUnavailable", "NoOptions", "PluginError", "ProtocolHandler", "ProtocolRegistry",
-    "Replayer", "Size", "Unit", "UnitCut", "UpstreamPool", "__version__", "hookimpl", "sample",
+    "ClientSession", "Control", "DropReason", "Duration", "ListenerContext", "ListenerStats",
+    "Mirror", "MirrorConfig", "MirrorError", "MirrorSession", "MirrorSet", "MirrorStats",
+    "MirrorTimeout", "MirrorUnavailable", "NoOptions", "PluginError", "ProtocolHandler",
+    "ProtocolRegistry", "ReloadResult", "Replayer", "Size", "Unit", "UnitCut", "UpstreamPool",
+    "__version__", "hookimpl", "is_secret_header", "mirror_health", "sample",
 ]

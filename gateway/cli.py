@@ -1,4 +1,4 @@
-# The `mirrorgate` command: run, check, version.
+# The `mirrorgate` command: run, check, reload, version.
 #
 # Owns: argument parsing, logging set-up (libraries never configure logging; the
 # CLI does), and exit codes.
@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from . import __version__
 
@@ -41,27 +41,37 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _setup_logging(level: str, fmt: str) -> None:
+def _setup_logging(level: str, fmt: str, secrets: Iterable[str]) -> None:
     from .logs import configure
 
-    configure(level, fmt)
+    configure(level, fmt, secrets)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     import anyio
 
+    from .config import Config
+    from .secrets import secret_values
     from .server import install_event_loop_policy, run
 
     pm, registry, config = _load(args.config)
     if config is None:
         return 1
-    _setup_logging(args.log_level or config.admin.log_level, config.admin.log_format)
+    _setup_logging(args.log_level or config.admin.log_level, config.admin.log_format,
+                   secret_values(config))
     loop_name = install_event_loop_policy()
     logging.getLogger("mirrorgate").info("mirrorgate %s on %s, config %s",
                                          __version__, loop_name, args.config)
     pm.hook.gateway_configured(config=config)
+
+    def reconfigured(new: Config) -> None:
+        # A reload: log level, format and the secrets to scrub follow the file
+        # (a --log-level given on the command line still wins).
+        _setup_logging(args.log_level or new.admin.log_level, new.admin.log_format,
+                       secret_values(new))
+
     try:
-        anyio.run(run, config, registry)
+        anyio.run(run, config, registry, reconfigured)
     except KeyboardInterrupt:
         pass
     except BaseExceptionGroup as group:
@@ -85,6 +95,39 @@ def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
     return out
 
 
+def _cmd_reload(args: argparse.Namespace) -> int:
+    """Ask the gateway serving ``--config`` to read it again, through its admin
+    listener. The file is checked here first: a broken one is never sent for."""
+    import httpx
+
+    _, _, config = _load(args.config)
+    if config is None:
+        print("reload not asked: fix the config first", file=sys.stderr)
+        return 1
+    listen = config.admin.listen
+    if listen is None:
+        print(f"{args.config}: [admin] listen is off, so there is no admin listener to ask; "
+              "send SIGHUP to the mirrorgate process instead", file=sys.stderr)
+        return 1
+    host = listen.host if listen.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{listen.port}/reload"
+    try:
+        response = httpx.post(url, timeout=args.timeout)
+    except httpx.HTTPError as exc:
+        print(f"cannot reach the gateway's admin listener at {url}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        answer = response.json()
+    except ValueError:
+        print(f"{url} answered {response.status_code}: {response.text.strip()}",
+              file=sys.stderr)
+        return 1
+    for line in answer.get("changes", []):
+        print(f"  {line}")
+    print(answer.get("message", ""), file=sys.stdout if answer.get("ok") else sys.stderr)
+    return 0 if answer.get("ok") else 1
+
+
 def _cmd_version(args: argparse.Namespace) -> int:
     print(f"mirrorgate {__version__}")
     return 0
@@ -103,6 +146,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_check = sub.add_parser("check", help="validate a config file and report every error")
     p_check.add_argument("--config", default=DEFAULT_CONFIG, help="config file (TOML)")
     p_check.set_defaults(func=_cmd_check)
+    p_reload = sub.add_parser(
+        "reload", help="make the running gateway read its config again (via the admin listener)")
+    p_reload.add_argument("--config", default=DEFAULT_CONFIG,
+                          help="config file (TOML): checked, and its [admin] listen is asked")
+    p_reload.add_argument("--timeout", type=float, default=10.0, help="seconds to wait")
+    p_reload.set_defaults(func=_cmd_reload)
     p_ver = sub.add_parser("version", help="print the version")
     p_ver.set_defaults(func=_cmd_version)
     args = parser.parse_args(argv)

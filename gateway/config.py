@@ -57,6 +57,7 @@ from gateway.config_values import (
 __all__ = [
     "Address",
     "Admin",
+    "AdminUser",
     "Config",
     "ConfigError",
     "Duration",
@@ -85,12 +86,29 @@ class General:
 
 
 @attrs.frozen
+class AdminUser:
+    """One `[[admin.user]]`: who may use the Postgres admin console."""
+
+    name: str
+    password: str = attrs.field(repr=False)
+
+
+@attrs.frozen
 class Admin:
-    """The `[admin]` table; `listen = false` turns the admin listener off (None)."""
+    """The `[admin]` table; `listen = false` turns the admin listener off (None).
+
+    `database` is the database name that opens the admin console on a Postgres
+    listener; `user` lists who may log in to it (none: the console is off).
+    `secret_headers` names headers, beyond Authorization, Proxy-Authorization,
+    Cookie and Set-Cookie, whose values never appear in logs or /status.
+    """
 
     listen: Address | None = Address("127.0.0.1", 9930)
     log_level: str = "info"
     log_format: str = "text"
+    database: str = "mirrorgate"
+    user: tuple[AdminUser, ...] = ()
+    secret_headers: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -281,6 +299,12 @@ def _non_empty(v: str | None) -> str | None:
     return None if v is None or v else "must not be empty"
 
 
+def _unique_names(users: tuple[AdminUser, ...]) -> str | None:
+    names = [u.name for u in users]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    return f"duplicate user name {dupes[0]!r}" if dupes else None
+
+
 def _one_of(*choices: str) -> Callable[[str], str | None]:
     return lambda v: None if v in choices else f"must be one of {', '.join(choices)}, got {v!r}"
 
@@ -322,7 +346,9 @@ _TOML_TYPES: dict[type, dict[str, Any]] = {
 # Checks on values of the right type, run even when a sibling key is wrong.
 _RULES: dict[type, dict[str, Callable[[Any], str | None]]] = {
     General: {"shutdown_timeout": _positive, "startup_timeout": _positive},
-    Admin: {"log_level": _one_of(*_LOG_LEVELS), "log_format": _one_of(*_LOG_FORMATS)},
+    Admin: {"log_level": _one_of(*_LOG_LEVELS), "log_format": _one_of(*_LOG_FORMATS),
+            "database": _non_empty, "user": _unique_names},
+    AdminUser: {"name": _non_empty},
     _UpstreamTable: {"name": _non_empty, "pool_size": _at_least(1), "connect_timeout": _positive},
     _ListenerTable: {"name": _non_empty, "max_clients": _at_least(1)},
     _MirrorTable: {"name": _non_empty, "queue": _at_least(1), "queue_bytes": _at_least(1),

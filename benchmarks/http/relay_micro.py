@@ -54,7 +54,7 @@ class _Sink:
 def main() -> None:
     upstream = SimpleNamespace(name="primary", host="127.0.0.1", port=1, pool_size=10,
                                connect_timeout=1.0)
-    context = SimpleNamespace(stats=ListenerStats("bench"), accepting=True,
+    context = SimpleNamespace(stats=ListenerStats("bench"), accepting=True, generation=0,
                               session_opened=lambda s: True, session_closed=lambda s: None)
     route = RouteTarget(b"", frozenset(), None, upstream, [])  # type: ignore[arg-type]
     route.pool = PrimaryPool(upstream)  # type: ignore[arg-type]

@@ -40,7 +40,8 @@ class _Sink:
 def _session(mirrors: MirrorSet | None) -> PgSession:
     from gateway.accounting import ListenerStats
 
-    context = SimpleNamespace(stats=ListenerStats("bench"), mirrors=[], startup_timeout=15.0)
+    context = SimpleNamespace(stats=ListenerStats("bench"), mirrors=[], startup_timeout=15.0,
+                              name="bench", generation=0)
     session = PgSession(SimpleNamespace(context=context))
     session.client = session.primary = _Sink()  # type: ignore[assignment]
     session.phase = Phase.READY

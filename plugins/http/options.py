@@ -5,11 +5,11 @@
 # and the checks on their values. Must not know: anything that runs.
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import attrs
 
-from gateway import Duration, MirrorConfig, Size
+from gateway import Duration, MirrorConfig, Size, is_secret_header
 
 __all__ = ["HttpListenerOptions", "HttpMirrorOptions", "MAX_RETRIES", "Route"]
 
@@ -74,6 +74,12 @@ class HttpMirrorOptions:
                                  validator=_between(0, 2**40))
     retries: int = attrs.field(default=0, validator=_between(0, MAX_RETRIES))
 
+    def secrets(self, secret_headers: Iterable[str]) -> Iterator[str]:
+        """Values this mirror sets on secret headers: never to be logged."""
+        for name, value in self.set_headers.items():
+            if is_secret_header(name, secret_headers):
+                yield value
+
 
 def _prefix(instance: object, attribute: attrs.Attribute, value: str) -> None:
     if not value.startswith("/") or not value.isascii() or any(c in value for c in " \r\n"):
@@ -108,3 +114,8 @@ class HttpListenerOptions:
     primary_timeout: Duration = attrs.field(default=Duration(60.0), validator=_positive)
     idle_timeout: Duration = attrs.field(default=Duration(75.0), validator=_positive)
     route: tuple[Route, ...] = ()
+
+    def nested_mirrors(self) -> Iterator[MirrorConfig]:
+        """The mirrors of every route (the listener's own are the core's)."""
+        for route in self.route:
+            yield from route.mirror

@@ -135,6 +135,11 @@ class PrimaryPool:
             conn.close()
         self.idle.clear()
 
+    def retire(self) -> None:
+        """A reload moved the primary: connections close as they come back."""
+        self.max_idle = 0
+        self.close()
+
 
 class PrimaryConn(asyncio.Protocol):
     """One connection to a primary, lent to one client session at a time."""
@@ -246,6 +251,7 @@ class HttpSession(asyncio.Protocol, ClientSession):
         self.backlog: collections.deque[Any] = collections.deque()
         self.current: _Exchange | None = None
         self.mirror_sessions: dict[Mirror, MirrorSession] = {}
+        self.generation = self.context.generation  # of the config its mirrors follow
         self.paused = 0         # _PAUSE_* bits
         self.closed = False
         self.partial = False    # bytes of a request head arrived, the head did not
@@ -253,6 +259,9 @@ class HttpSession(asyncio.Protocol, ClientSession):
         self.client_slow = False  # the client's socket buffer is full: the primary waits
         self.since = 0.0        # waiting for a request head since
         self.stats = self.context.stats
+        self.opened = 0.0       # when the client connected (Unix time), for describe
+        self.address = ""       # the client's host:port, for describe
+        self.requests = 0       # requests started on this connection
 
     # -- client side ---------------------------------------------------------
 
@@ -260,6 +269,7 @@ class HttpSession(asyncio.Protocol, ClientSession):
         # uvloop's transports are not asyncio.Transport subclasses: no isinstance.
         self.transport = client = transport  # type: ignore[assignment]
         if not self.context.session_opened(self):
+            log.warning("max_clients reached: answered 503", extra={"listener": self.context.name})
             client.write(gateway_response(503, "too many clients"))  # type: ignore[attr-defined]
             self.closed = True
             client.close()
@@ -267,7 +277,9 @@ class HttpSession(asyncio.Protocol, ClientSession):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.peer = str(peer[0]).encode()
+            self.address = f"{peer[0]}:{peer[1]}"
         self.since = _clock()
+        self.opened = time.time()
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
@@ -330,6 +342,14 @@ class HttpSession(asyncio.Protocol, ClientSession):
             if not self.paused and self.transport is not None and not self.closed:
                 self.transport.resume_reading()
 
+    def describe(self) -> dict[str, Any]:
+        """The connection for SHOW CLIENTS and /status: no header is shown."""
+        return {
+            "peer": self.address, "since": self.opened, "requests": self.requests,
+            "state": "active" if self.current is not None else "idle",
+            "mirrors": sorted(m.name for m in self.mirror_sessions),
+        }
+
     def abort(self) -> None:
         current = self.current
         if current is not None and current.conn is not None:
@@ -374,7 +394,10 @@ class HttpSession(asyncio.Protocol, ClientSession):
 
     def _start(self, head: RequestHead) -> None:
         self.partial = False
+        if self.generation != self.context.generation:
+            self._reconfigured()
         self.stats.primary_units += 1
+        self.requests += 1
         headers = forwardable(head.headers)
         if self.protocol.routes:
             host = None
@@ -434,10 +457,22 @@ class HttpSession(asyncio.Protocol, ClientSession):
             ex.mirror_request = MirrorRequest(head.method, head.target, headers,
                                               length is not None or head.chunked, head_size)
 
+    def _reconfigured(self) -> None:
+        """A reload came, and the last request is whole: close the queues to
+        removed mirrors (they drain) and give the others their new settings."""
+        self.generation = self.context.generation
+        for mirror, session in list(self.mirror_sessions.items()):
+            if mirror.retired:
+                session.close()
+                del self.mirror_sessions[mirror]
+            else:
+                session.refresh()
+
     def _mirror_session(self, mirror: Mirror) -> MirrorSession:
         session = self.mirror_sessions.get(mirror)
         if session is None:
-            session = mirror.open_session(HttpReplayer(mirror, self.context.pool_for(mirror)))
+            session = mirror.open_session(HttpReplayer(mirror, self.context.pool_for(mirror),
+                                                       self.context.pools))
             self.mirror_sessions[mirror] = session
         return session
 
@@ -637,6 +672,10 @@ class HttpSession(asyncio.Protocol, ClientSession):
         if self.transport is not None and not self.closed:
             head_only = ex is not None and ex.head.method == b"HEAD"
             self.transport.write(gateway_response(status, reason, head_only=head_only))
+            log.log(logging.WARNING if status >= 500 else logging.INFO, "answered %d: %s",
+                    status, reason, extra={"listener": self.context.name,
+                                           "session": self.peer.decode(),
+                                           "upstream": ex and ex.route.primary.name})
         self.current = None
         self._close()
 
@@ -691,9 +730,10 @@ class HttpSession(asyncio.Protocol, ClientSession):
                     self._fail(504, f"primary {name} did not answer within "
                                f"{primary_timeout:g}s")
                 else:
-                    log.warning("client %s: primary %s sent nothing for %gs in the middle "
-                                "of a response; connection closed", self.peer.decode(),
-                                name, primary_timeout)
+                    log.warning("primary sent nothing for %gs in the middle of a response; "
+                                "connection closed", primary_timeout,
+                                extra={"listener": self.context.name,
+                                       "session": self.peer.decode(), "upstream": name})
                     self._abandon()
             return
         if self.backlog:

@@ -60,7 +60,11 @@ class PostgresProtocol(ProtocolHandler):
     def __init__(self, context: ListenerContext) -> None:
         super().__init__(context)
         self.sessions_by_key: dict[tuple[int, bytes], PgSession] = {}
-        for mirror in context.mirrors:
+        self.reconfigure()
+
+    def reconfigure(self) -> None:
+        # Both outcomes are exported from the start, for every mirror.
+        for mirror in self.context.mirrors:
             for outcome in ("ok", "error"):
                 mirror.stats.delivered.setdefault(outcome, 0)
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from gateway import ClientSession, ListenerContext, MirrorSet, Unit
 
 from . import codec
+from .console import ConsoleSession, admin_database
 from .framewalk import FrameError, walk
 
 if TYPE_CHECKING:
@@ -135,6 +136,7 @@ class PgSession(asyncio.Protocol, ClientSession):
         self._relaying = False  # phase is READY: the per-chunk fast path
         self.startup: codec.StartupMessage | None = None
         self.peer = "?"
+        self.opened = 0.0  # when the client connected (Unix time)
         self.mirrors: MirrorSet | None = None
         self.replayers: list[PgReplayer] = []
         self.statements: Any = None  # StatementRegistry when mirrored
@@ -174,11 +176,13 @@ class PgSession(asyncio.Protocol, ClientSession):
         # Units: see _answered.
         self._down_until = 0.0
         self._idle = True  # the primary's last ReadyForQuery said idle
+        self._generation = 0  # the listener's config generation the mirrors follow
 
     # ---------------------------------------------------------------- client side
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.client = transport  # type: ignore[assignment]
+        self.opened = time.time()
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = f"{peer[0]}:{peer[1]}"
@@ -202,6 +206,8 @@ class PgSession(asyncio.Protocol, ClientSession):
         elif self.phase is Phase.CONNECTING:
             self._early_size += len(data)
             if self._early_size > _MAX_EARLY_BYTES:
+                log.info("client sent too much before the primary connection was ready",
+                         extra={"listener": self.ctx.name, "session": self.peer})
                 self._fail("08P01", "too much data before the server connection was ready")
                 return
             self._early.append(data)
@@ -225,6 +231,8 @@ class PgSession(asyncio.Protocol, ClientSession):
         try:
             packet, used = codec.parse_initial_packet(buf)
         except codec.ProtocolViolation as exc:
+            log.info("bad start-up packet: %s", exc.message,
+                     extra={"listener": self.ctx.name, "session": self.peer})
             self._fail(exc.sqlstate, exc.message)
             return
         if packet is None:
@@ -235,6 +243,8 @@ class PgSession(asyncio.Protocol, ClientSession):
             if rest:
                 # CVE-2021-23214: bytes sent before the answer to SSLRequest
                 # could be injected into an encrypted session; refuse them.
+                log.info("client sent data after its SSL or GSS request",
+                         extra={"listener": self.ctx.name, "session": self.peer})
                 self._fail("08P01", "received unencrypted data after SSL or GSS request")
                 return
             # "The server then responds with a single byte containing S or N";
@@ -247,8 +257,13 @@ class PgSession(asyncio.Protocol, ClientSession):
             self.phase = Phase.CLOSED
             return
         assert isinstance(packet, codec.StartupMessage)
+        if packet.database == admin_database(self.ctx):
+            self._to_console(packet, rest)
+            return
         self.startup = packet
         if not self.ctx.session_opened(self):
+            log.warning("max_clients reached: session refused",
+                        extra={"listener": self.ctx.name, "session": self.peer})
             self._fail("53300", "sorry, too many clients already")
             return
         self._registered = True
@@ -259,6 +274,19 @@ class PgSession(asyncio.Protocol, ClientSession):
             self._early_size = len(rest)
         asyncio.get_running_loop().create_task(self._connect_primary(raw=replication))
 
+    def _to_console(self, packet: codec.StartupMessage, rest: bytes) -> None:
+        """The admin database was asked for: the console answers this
+        connection from now on, and no primary connection is opened. It is not
+        a client session of the listener (not counted, never mirrored)."""
+        remaining = self.ctx.startup_timeout
+        if self._timer is not None:
+            remaining = max(0.0, self._timer.when() - asyncio.get_running_loop().time())
+            self._timer.cancel()
+            self._timer = None
+        self.phase = Phase.CLOSED
+        ConsoleSession(self.ctx, packet, self.peer).attach(
+            self.client, rest, remaining)  # type: ignore[arg-type]
+
     async def _connect_primary(self, raw: bool) -> None:
         primary = self.ctx.primary
         loop = asyncio.get_running_loop()
@@ -268,8 +296,9 @@ class PgSession(asyncio.Protocol, ClientSession):
                     lambda: PrimaryLink(self), primary.host, primary.port)
         except (OSError, TimeoutError) as exc:
             reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
-            log.warning("session %s: primary %s (%s:%d) unreachable: %s",
-                        self.peer, primary.name, primary.host, primary.port, reason)
+            log.warning("primary unreachable at %s:%d: %s", primary.host, primary.port, reason,
+                        extra={"listener": self.ctx.name, "session": self.peer,
+                               "upstream": primary.name})
             self._fail("08006", f'mirrorgate: cannot connect to primary "{primary.name}" '
                                 f"at {primary.host}:{primary.port}: {reason}")
             return
@@ -291,8 +320,9 @@ class PgSession(asyncio.Protocol, ClientSession):
     def _startup_expired(self) -> None:
         self._timer = None
         if self.phase in (Phase.STARTUP, Phase.CONNECTING, Phase.AUTH):
-            log.info("session %s: start-up not complete within %.1fs", self.peer,
-                     self.ctx.startup_timeout)
+            log.info("start-up not complete within %gs (startup_timeout)",
+                     self.ctx.startup_timeout,
+                     extra={"listener": self.ctx.name, "session": self.peer})
             self._fail("08P01", "mirrorgate: start-up not complete within "
                                 f"{self.ctx.startup_timeout:g}s (startup_timeout)")
 
@@ -342,8 +372,9 @@ class PgSession(asyncio.Protocol, ClientSession):
                     self._ready(reader.take_buffered())
                     return
         except codec.ProtocolViolation as exc:
-            log.warning("session %s: primary spoke out of protocol during start-up: %s",
-                        self.peer, exc.message)
+            log.warning("primary spoke out of protocol during start-up: %s", exc.message,
+                        extra={"listener": self.ctx.name, "session": self.peer,
+                               "upstream": self.ctx.primary.name})
             self._fail(exc.sqlstate, f"mirrorgate: primary sent a malformed message: "
                                      f"{exc.message}")
 
@@ -364,6 +395,7 @@ class PgSession(asyncio.Protocol, ClientSession):
             if mirrors.sessions:
                 self.mirrors = mirrors  # it counts the skipped mirrors itself
                 self._max_unit = max(m.mirror.config.queue_bytes for m in mirrors.sessions)
+                self._generation = self.ctx.generation
             else:
                 self._skipped = mirrors.skipped
         if rest:
@@ -494,12 +526,17 @@ class PgSession(asyncio.Protocol, ClientSession):
         """Cut the unit that ends at ``end``: offer it, and await its ReadyForQuery."""
         unit = None
         mirrors = self.mirrors
+        if self._generation != self.ctx.generation and self._idle and not self._pending:
+            # This unit starts a transaction, and a reload came since the last.
+            mirrors = self._reconfigured()
+        if mirrors is None:
+            return end  # mirroring ended at this boundary: the primary side counts units
         down = self._down_until
-        if down and mirrors is not None and self._idle and not self._pending:
+        if down and self._idle and not self._pending:
             # This unit starts a transaction: may a mirror take it after all?
             if _clock() >= down:
                 down = self._down_until = mirrors.down_until()
-        if mirrors is not None and down:
+        if down:
             # Every mirror refuses units: count the unit as the offer would
             # have, keeping only what named statements need.
             pieces = self._pieces
@@ -516,7 +553,7 @@ class PgSession(asyncio.Protocol, ClientSession):
             self._held = 0
             self._statements_seen = False
             mirrors.drop_unoffered(size)
-        elif mirrors is not None:
+        else:
             pieces = self._pieces
             held = self._held
             if held + end - start > self._max_unit:
@@ -668,11 +705,31 @@ class PgSession(asyncio.Protocol, ClientSession):
             if mirrors is not None and mirrors.down:
                 self._down_until = mirrors.down_until()
 
+    def _reconfigured(self) -> MirrorSet | None:
+        """A reload came: at this transaction boundary, drop the mirrors the
+        session no longer goes to (removed, or exposure lowered) and take the
+        others' new settings. With none left, the session is unmirrored from
+        here on, as if sampling had left it out."""
+        self._generation = self.ctx.generation
+        mirrors = self.mirrors
+        assert mirrors is not None
+        mirrors.reconfigure(self.ctx.still_sampled)
+        self._down_until = 0.0
+        if mirrors.sessions:
+            self._max_unit = max(m.mirror.config.queue_bytes for m in mirrors.sessions)
+            return mirrors
+        self._stop_mirroring()
+        # The unit being cut is the first the primary side counts.
+        self._waiting_since = _clock()
+        self._answered_since = False
+        return None
+
     def _desynchronised(self, side: str, kind: int, length: int) -> None:
         # The primary judges client bytes itself (and will answer with an error);
         # the gateway stops cutting units, so this session is no longer mirrored.
-        log.warning("session %s: %s sent a frame with invalid length %d (type %r); "
-                    "mirroring stops for this session", self.peer, side, length, chr(kind))
+        log.warning("%s sent a frame with invalid length %d (type %r); mirroring stops for "
+                    "this session", side, length, chr(kind),
+                    extra={"listener": self.ctx.name, "session": self.peer})
         self.phase = Phase.RAW
         self._relaying = False
         self._stop_mirroring()
@@ -707,6 +764,19 @@ class PgSession(asyncio.Protocol, ClientSession):
         if self._registered:
             self._registered = False
             self.ctx.session_closed(self)
+
+    def describe(self) -> dict[str, Any]:
+        """The session for SHOW CLIENTS and /status (no secret: no password
+        ever reaches the startup packet)."""
+        params = self.startup.params if self.startup is not None else {}
+        mirrors = self.mirrors
+        return {
+            "peer": self.peer, "since": self.opened, "state": self.phase.value,
+            "user": params.get("user"),
+            "database": self.startup.database if self.startup is not None else None,
+            "application_name": params.get("application_name"),
+            "mirrors": [s.mirror.name for s in mirrors.sessions] if mirrors else [],
+        }
 
     def abort(self) -> None:
         if self.client is not None:

@@ -256,15 +256,20 @@ class PgReplayer(Replayer):
                 conn.close()
             self._refused = f"mirror {self.mirror.name} refused {self.user}@{self.database}: " \
                             f"{exc.message}"
-            log.warning("%s", self._refused)
+            log.warning("mirror refused the login: %s", exc.message,
+                        extra={"listener": self.mirror.stats.listener, "mirror": self.mirror.name,
+                               "upstream": upstream.name, "user": self.user,
+                               "database": self.database})
             raise MirrorUnavailable(self._refused) from exc
         except (OSError, TimeoutError, MirrorError) as exc:
             if conn is not None:
                 conn.close()
             self.pool.connect_failed()
             reason = "timed out" if isinstance(exc, TimeoutError) else str(exc)
-            log.warning("mirror %s (%s:%d) unreachable: %s; retry in backoff", self.mirror.name,
-                        upstream.host, upstream.port, reason)
+            log.warning("mirror unreachable at %s:%d: %s; backing off", upstream.host,
+                        upstream.port, getattr(exc, "strerror", None) or reason,
+                        extra={"listener": self.mirror.stats.listener, "mirror": self.mirror.name,
+                               "upstream": upstream.name})
             raise MirrorUnavailable(reason) from exc
 
     def _drop_conn(self) -> None:
@@ -424,6 +429,11 @@ class PgReplayer(Replayer):
             await self.abort_group()
 
     # -- the Replayer contract --
+
+    def reconfigure(self) -> None:
+        # The connection, its user and database stay as the session opened
+        # them; only the per-unit timeout follows a reload.
+        self.timeout = self.mirror.config.timeout
 
     def unavailable(self) -> bool:
         conn = self.conn

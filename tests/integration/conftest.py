@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.support.faults import toml_value
+from tests.support.faults import Launcher, toml_value
 from tests.support.gateway import GatewayProcess
 from tests.support.net import free_port
 from tests.support.pgcluster import SUPERUSER, PgCluster
@@ -119,6 +119,20 @@ def render_config(primary: PgCluster, mirrors: list[MirrorSpec], port: int, admi
         options = {"queue": DEFAULT_QUEUE, **m.options}
         lines += [f"{k} = {toml_value(v)}" for k, v in options.items()]
     return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def launch(tmp_path: Path) -> Iterator[Launcher]:
+    """A Launcher for this test: every gateway it started is stopped at
+    teardown, and a traceback in one's log fails the test there."""
+    launcher = Launcher(tmp_path)
+    try:
+        yield launcher
+    finally:
+        launcher.stop_all()
+    broken = launcher.tracebacks()
+    if broken:
+        pytest.fail("gateway logged a traceback:\n" + "\n".join(broken))
 
 
 @pytest.fixture

@@ -29,18 +29,6 @@ CONSOLE_PW = "console-pw-52"
 
 
 @pytest.fixture
-def launch(tmp_path) -> Iterator[Launcher]:  # type: ignore[no-untyped-def]
-    launcher = Launcher(tmp_path)
-    try:
-        yield launcher
-    finally:
-        launcher.stop_all()
-        problems = launcher.tracebacks()
-        if problems:
-            pytest.fail("gateway logged a traceback:\n" + "\n".join(problems))
-
-
-@pytest.fixture
 def side_primary() -> Iterator[socket.socket]:
     """A TCP listener standing in for a second listener's primary: readiness
     asks only that a primary accepts connections."""

@@ -12,7 +12,6 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 
 import psycopg
 import pytest
@@ -39,15 +38,6 @@ from tests.support.pgcluster import DEFAULT_PASSWORD, PgCluster
 pytestmark = pytest.mark.integration
 
 MIRROR = "mirror0"  # the `mirror` label: the upstream name pg_config gives mirror 0
-
-
-@pytest.fixture
-def launch(tmp_path) -> Iterator[Launcher]:  # type: ignore[no-untyped-def]
-    launcher = Launcher(tmp_path)
-    try:
-        yield launcher
-    finally:
-        launcher.stop_all()
 
 
 def _dsn(ports: GatewayPorts, dbname: str, **params: str) -> str:

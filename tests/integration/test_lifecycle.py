@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -34,15 +33,6 @@ from tests.support.pgcluster import DEFAULT_PASSWORD, PgCluster
 pytestmark = pytest.mark.integration
 
 MIRROR = "mirror0"
-
-
-@pytest.fixture
-def launch(tmp_path: Path) -> Iterator[Launcher]:
-    launcher = Launcher(tmp_path)
-    try:
-        yield launcher
-    finally:
-        launcher.stop_all()
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:

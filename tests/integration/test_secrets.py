@@ -60,15 +60,6 @@ class Secrets:
         return {n: getattr(self, n) for n in names}
 
 
-@pytest.fixture
-def launch(tmp_path) -> Iterator[Launcher]:  # type: ignore[no-untyped-def]
-    launcher = Launcher(tmp_path)
-    try:
-        yield launcher
-    finally:
-        launcher.stop_all()
-
-
 @dataclass
 class Roles:
     """Login roles made for one run: ``scram`` and ``clear`` on both clusters."""

@@ -192,14 +192,14 @@ def test_hook_gateway_configured_is_called_with_the_config_before_serving(
         def gateway_configured(self, config: object) -> None:
             calls.append(("configured", config))
 
-    async def serve(config: object, registry: object) -> None:
+    async def serve(config: object, registry: object, on_config: object = None) -> None:
         calls.append(("serve", config))
 
     load = plugins.load_plugins
     monkeypatch.setattr(plugins, "load_plugins", lambda extra=(): load([*extra, Recorder()]))
     monkeypatch.setattr(server, "run", serve)
     monkeypatch.setattr(server, "install_event_loop_policy", lambda: "asyncio")
-    monkeypatch.setattr(logs, "configure", lambda level, fmt: None)
+    monkeypatch.setattr(logs, "configure", lambda level, fmt, secrets=(): None)
     path = tmp_path / "mirrorgate.toml"
     path.write_text(_CONFIG)
 

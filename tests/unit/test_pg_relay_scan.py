@@ -104,8 +104,10 @@ class Context:
     """The parts of a ListenerContext that PgSession reads."""
 
     def __init__(self) -> None:
+        self.name = "t"
         self.stats = ListenerStats("t")
         self.mirrors = [object()]  # non-empty: mirroring is on
+        self.generation = 0  # bumped by a reload
         self.startup_timeout = 5.0
         self.primary = None
         self.sessions: set[PgSession] = set()
