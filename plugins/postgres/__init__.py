@@ -80,7 +80,7 @@ class PostgresProtocol(ProtocolHandler):
 
         def make(mirror: Mirror) -> PgReplayer:
             r = PgReplayer(mirror, self.context.pool_for(mirror), params, statements,
-                           MIRROR_MAX_MESSAGE)
+                           MIRROR_MAX_MESSAGE, session.peer)
             replayers.append(r)
             return r
 

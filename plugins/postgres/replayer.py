@@ -161,9 +161,10 @@ class PgReplayer(Replayer):
     """Replays one client session's units on one mirror."""
 
     def __init__(self, mirror: Mirror, pool: UpstreamPool[Any], params: dict[str, str],
-                 statements: StatementRegistry, max_message: int) -> None:
+                 statements: StatementRegistry, max_message: int, session: str = "?") -> None:
         upstream = mirror.upstream
         self.mirror = mirror
+        self.session = session  # the client's address, for log lines
         self.pool = pool
         self.timeout: float = mirror.config.timeout
         self.statements = statements
@@ -257,8 +258,9 @@ class PgReplayer(Replayer):
             self._refused = f"mirror {self.mirror.name} refused {self.user}@{self.database}: " \
                             f"{exc.message}"
             log.warning("mirror refused the login: %s", exc.message,
-                        extra={"listener": self.mirror.stats.listener, "mirror": self.mirror.name,
-                               "upstream": upstream.name, "user": self.user,
+                        extra={"listener": self.mirror.stats.listener, "session": self.session,
+                               "mirror": self.mirror.name, "upstream": upstream.name,
+                               "user": self.user,
                                "database": self.database})
             raise MirrorUnavailable(self._refused) from exc
         except (OSError, TimeoutError, MirrorError) as exc:
@@ -268,8 +270,8 @@ class PgReplayer(Replayer):
             reason = "timed out" if isinstance(exc, TimeoutError) else str(exc)
             log.warning("mirror unreachable at %s:%d: %s; backing off", upstream.host,
                         upstream.port, getattr(exc, "strerror", None) or reason,
-                        extra={"listener": self.mirror.stats.listener, "mirror": self.mirror.name,
-                               "upstream": upstream.name})
+                        extra={"listener": self.mirror.stats.listener, "session": self.session,
+                               "mirror": self.mirror.name, "upstream": upstream.name})
             raise MirrorUnavailable(reason) from exc
 
     def _drop_conn(self) -> None:
