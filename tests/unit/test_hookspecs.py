@@ -156,6 +156,12 @@ def test_public_api_is_what_plugins_import() -> None:
         assert name in gateway.__all__
 
 
+def test_docs_list_the_public_api_exactly() -> None:
+    doc = (Path(__file__).parents[2] / "docs" / "plugins.md").read_text()
+    block = doc.split("### Only the public API", 1)[1].split("```", 2)[1]
+    assert sorted(block.split()) == sorted(gateway.__all__)
+
+
 # -- gateway_configured -------------------------------------------------------
 
 _CONFIG = """\
