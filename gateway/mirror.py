@@ -289,13 +289,17 @@ class MirrorSession:
         """While an offer would be dropped whatever its size: until when
         (``time.monotonic``; ``inf`` for good, the present time when only the
         worker can tell by draining its queue); 0.0 when one may be queued."""
+        return self.refusal()[0]
+
+    def refusal(self) -> tuple[float, DropReason]:
+        """``refusing_until``, and the reason such a drop is counted under."""
         if self._closed:
-            return math.inf
+            return math.inf, DropReason.SHUTDOWN
         if self.replayer.unavailable():
-            return self.replayer.retry_at() or _clock()
+            return self.replayer.retry_at() or _clock(), DropReason.MIRROR_UNAVAILABLE
         if self._units >= self._limit or self.stats.queued_bytes >= self._budget:
-            return _clock()
-        return 0.0
+            return _clock(), DropReason.QUEUE_FULL
+        return 0.0, DropReason.QUEUE_FULL
 
     def drop_unoffered(self, size: int) -> None:
         """Count a unit of ``size`` bytes that was not cut while this mirror
@@ -586,12 +590,16 @@ class Mirror:
 class MirrorSet:
     """What one client session offers its units to: sampled mirrors, and skipped ones."""
 
-    __slots__ = ("sessions", "skipped", "down")
+    __slots__ = ("sessions", "skipped", "down", "_dark")
 
     def __init__(self, sessions: list[MirrorSession], skipped: list[MirrorStats]) -> None:
         self.sessions = sessions
         self.skipped = skipped
         self.down = False  # every mirror dropped the last unit offered
+        # Set by down_until while every mirror refuses: per session, its
+        # counters, byte budget and the reason its drops are counted under,
+        # so that drop_unoffered costs a counter update per mirror.
+        self._dark: list[tuple[MirrorStats, int, DropReason]] | None = None
 
     def __bool__(self) -> bool:
         return bool(self.sessions)
@@ -609,21 +617,37 @@ class MirrorSet:
         until when the first may take one again (``time.monotonic``; the
         present time when that is for a queue to tell, so: ask again at the
         next chance); 0.0 if one would queue a unit now."""
+        self._dark = None
         if not self.sessions:
             return 0.0
         until = math.inf
+        dark = []
         for s in self.sessions:
-            at = s.refusing_until()
+            at, reason = s.refusal()
             if not at:
                 return 0.0
             until = min(until, at)
+            dark.append((s.stats, s._budget, reason))
+        self._dark = dark
         return until
 
     def drop_unoffered(self, size: int) -> None:
         """Count a unit that was not cut because every mirror refuses units
-        (see ``down_until``): as ``offer`` would have, with nothing queued."""
-        for s in self.sessions:
-            s.drop_unoffered(size)
+        (see ``down_until``): as ``offer`` would have, with nothing queued.
+
+        The reasons are those ``down_until`` found: a protocol asks it again
+        when the time it gave has come, at the start of its next group.
+        """
+        dark = self._dark
+        if dark is None:
+            for s in self.sessions:
+                s.drop_unoffered(size)
+        else:
+            for stats, budget, reason in dark:
+                if size > budget and reason is not DropReason.SHUTDOWN:
+                    stats.offer_dropped(DropReason.TOO_LARGE)
+                else:
+                    stats.offer_dropped(reason)
         for st in self.skipped:
             st.skipped += 1
 
@@ -642,6 +666,7 @@ class MirrorSet:
     def reconfigure(self, keep: Callable[[MirrorSession], bool]) -> None:
         """After a reload, at a boundary of the client session: close the queues
         ``keep`` refuses (they drain, then end) and refresh the others."""
+        self._dark = None
         kept = []
         for s in self.sessions:
             if keep(s):

@@ -1,5 +1,6 @@
 # MirrorSession: behaviours the accounting invariant alone does not show.
 import asyncio
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -113,6 +114,19 @@ def test_a_set_whose_every_mirror_is_down_says_so_and_counts_uncut_units() -> No
                       MirrorSession(m4, ScriptedReplayer(["ok"]))], [])
     half.offer(Unit(b"b"))
     assert not half.down and half.down_until() == 0.0
+
+
+def test_uncut_units_of_a_closed_set_are_shutdown_drops_whatever_their_size() -> None:
+    from gateway.mirror import MirrorSet
+
+    mirror, _ = _mirror(queue_bytes=10)
+    closed = MirrorSet([MirrorSession(mirror, DownReplayer(50.0))], [])
+    closed.close()
+    closed.drop_unoffered(5)  # not asked down_until yet: each session decides
+    assert closed.down_until() == math.inf
+    closed.drop_unoffered(11)  # as offer would: a closed queue drops as shutdown first
+    assert mirror.stats.dropped[DropReason.SHUTDOWN] == 2
+    assert mirror.stats.dropped[DropReason.TOO_LARGE] == 0 and mirror.stats.balanced()
 
 
 def test_a_set_whose_every_queue_is_full_is_down_until_asked_again(
