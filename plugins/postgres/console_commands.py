@@ -184,7 +184,9 @@ def _show_mirrors(control: Control) -> ResultSet:
     pools = control.upstream_pools()
     rows = []
     for ctx in control.listeners():
-        for mirror in ctx.mirrors:
+        # Mirrors a reload removed too, as in /metrics: their queues may still
+        # be draining, and their counts are part of the listener's story.
+        for mirror in ctx.all_mirrors:
             stats = mirror.stats
             upstream = mirror.upstream
             outcomes = " ".join(f"{k}={v}" for k, v in sorted(stats.delivered.items()))
@@ -193,7 +195,8 @@ def _show_mirrors(control: Control) -> ResultSet:
                 stats.offered, stats.skipped, stats.delivered_total, outcomes,
                 stats.dropped_total, *(stats.dropped[reason] for reason in DropReason),
                 stats.queued, stats.queued_bytes, stats.in_flight, mirror.lag(),
-                mirror_health(mirror, pools.get(upstream.name))["state"],
+                "retired" if mirror.retired
+                else mirror_health(mirror, pools.get(upstream.name))["state"],
             ))
     return ResultSet(_MIRROR_COLUMNS, tuple(rows))
 

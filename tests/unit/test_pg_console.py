@@ -13,6 +13,7 @@ import struct
 import time
 from typing import Any
 
+import attrs
 import pytest
 import scramp
 from hypothesis import given, settings
@@ -271,6 +272,17 @@ def test_show_mirrors_reports_the_counters(gateway: Gateway) -> None:
         "transaction_aborted": "0", "shutdown": "0", "queue_units": "1", "queue_bytes": "150",
         "in_flight": "0", "lag_seconds": "0.000", "health": "idle",
     }
+
+
+def test_show_mirrors_lists_a_mirror_a_reload_removed_as_retired(gateway: Gateway) -> None:
+    ctx = gateway.contexts[0]
+    mirror = ctx.mirrors[0]
+    mirror.stats.offer_dropped(DropReason.QUEUE_FULL)
+    ctx.begin_reload(ctx.config, attrs.evolve(ctx.listener, mirrors=()))
+    ctx.end_reload()
+    names, table = rows(answer(Command.SHOW_MIRRORS, gateway).encode())  # type: ignore[arg-type]
+    row = dict(zip(names, table[0], strict=True))
+    assert (row["mirror"], row["offered"], row["health"]) == ("staging", "1", "retired")
 
 
 def test_show_listeners(gateway: Gateway) -> None:
