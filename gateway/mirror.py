@@ -663,10 +663,15 @@ class MirrorSet:
             unit.chunks[-1] = None
         unit._wake()
 
-    def reconfigure(self, keep: Callable[[MirrorSession], bool]) -> None:
+    def reconfigure(self, keep: Callable[[MirrorSession], bool],
+                    serving: Callable[[list[MirrorStats]], list[MirrorStats]] | None = None
+                    ) -> None:
         """After a reload, at a boundary of the client session: close the queues
-        ``keep`` refuses (they drain, then end) and refresh the others."""
+        ``keep`` refuses (they drain, then end) and refresh the others; keep
+        counting skips only for the mirrors ``serving`` keeps."""
         self._dark = None
+        if serving is not None:
+            self.skipped = serving(self.skipped)
         kept = []
         for s in self.sessions:
             if keep(s):
@@ -674,6 +679,9 @@ class MirrorSet:
                 kept.append(s)
             else:
                 s.close()
+                if not s.mirror.retired:
+                    # Left out now as sampling would leave a new session out.
+                    self.skipped.append(s.stats)
         self.sessions = kept
 
     def close(self) -> None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import attrs
 
-from .accounting import ListenerStats
+from .accounting import ListenerStats, MirrorStats
 from .mirror import Mirror, MirrorSession, MirrorSet, Replayer, sample
 from .pool import UpstreamPool
 
@@ -176,6 +176,12 @@ class ListenerContext:
             return True
         session.sampled_at = now
         return sample(now / was)
+
+    def serving(self, skipped: list[MirrorStats]) -> list[MirrorStats]:
+        """After a reload: of the mirrors a session counts its units skipped
+        for, those the listener still has (a removed mirror's counts stop)."""
+        live = {id(m.stats) for m in self.mirrors}
+        return [st for st in skipped if id(st) in live]
 
     @property
     def all_mirrors(self) -> list[Mirror]:

@@ -395,9 +395,9 @@ class PgSession(asyncio.Protocol, ClientSession):
             if mirrors.sessions:
                 self.mirrors = mirrors  # it counts the skipped mirrors itself
                 self._max_unit = max(m.mirror.config.queue_bytes for m in mirrors.sessions)
-                self._generation = self.ctx.generation
             else:
                 self._skipped = mirrors.skipped
+            self._generation = self.ctx.generation
         if rest:
             if self.mirrors is not None:
                 self._scan_back(rest)
@@ -678,8 +678,13 @@ class PgSession(asyncio.Protocol, ClientSession):
             for _ in range(units):
                 stats.primary_latency.observe(latency)
         self._answered_since = True
-        for skipped in self._skipped:
-            skipped.skipped += units
+        if self._skipped:
+            if self._generation != self.ctx.generation:
+                # A reload: stop counting skips for mirrors it removed.
+                self._generation = self.ctx.generation
+                self._skipped = self.ctx.serving(self._skipped)
+            for skipped in self._skipped:
+                skipped.skipped += units
 
     def _answered(self, status: int) -> None:
         """A ReadyForQuery: the oldest pending unit is complete."""
@@ -713,11 +718,12 @@ class PgSession(asyncio.Protocol, ClientSession):
         self._generation = self.ctx.generation
         mirrors = self.mirrors
         assert mirrors is not None
-        mirrors.reconfigure(self.ctx.still_sampled)
+        mirrors.reconfigure(self.ctx.still_sampled, self.ctx.serving)
         self._down_until = 0.0
         if mirrors.sessions:
             self._max_unit = max(m.mirror.config.queue_bytes for m in mirrors.sessions)
             return mirrors
+        self._skipped = mirrors.skipped  # the mirrors sampling left out count on
         self._stop_mirroring()
         # The unit being cut is the first the primary side counts.
         self._waiting_since = _clock()

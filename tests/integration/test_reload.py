@@ -144,7 +144,9 @@ def test_exposure_zero_stops_live_sessions_and_counters_carry_on(
             other.execute("INSERT INTO t VALUES (7)")
     final = wait_at_rest(gw, "mirror0")
     assert after.offered == before.offered  # nothing offered while exposure was 0
+    assert after.skipped == before.skipped + 4  # but counted as sampling left out
     assert final.offered > after.offered >= before.offered > 0  # never reset
+    assert final.skipped == after.skipped + 1  # the live session's unit after the raise
     assert_balanced(final)
     assert _rows(pg_primary, fresh_db) == [1, 2, 3, 4, 5, 6, 7]
     assert _rows(pg_mirror, fresh_db) == [1, 7]

@@ -82,7 +82,8 @@ def test_a_live_session_drops_removed_mirrors_and_refreshes_the_rest() -> None:
     mirrors = ctx.open_mirrors(make)
     assert len(mirrors.sessions) == 2
     _reload(ctx, _config({"a": {"queue": 50}}))
-    mirrors.reconfigure(ctx.still_sampled)
+    mirrors.reconfigure(ctx.still_sampled, ctx.serving)
+    assert mirrors.skipped == []  # b is gone: no skips counted for it either
     (kept,) = mirrors.sessions
     assert kept.mirror.name == "a" and kept._limit == 50
     assert replayers[0].reconfigured == 1
@@ -106,8 +107,9 @@ def test_lowered_exposure_keeps_the_same_share_of_live_sessions(
     _reload(ctx, _config({"a": {"exposure": now}}))
     still = 0
     for ms in sessions:
-        ms.reconfigure(ctx.still_sampled)
+        ms.reconfigure(ctx.still_sampled, ctx.serving)
         still += bool(ms.sessions)
+        assert len(ms.sessions) + len(ms.skipped) == 1  # a session left out counts skips
     share = still / len(sessions)
     assert share == pytest.approx(kept, abs=0.05)
     # Sampled sessions overall: the new exposure, as new sessions get.
@@ -138,3 +140,15 @@ def test_a_retired_pool_closes_connections_as_they_come_back() -> None:
     assert idle.closed and pool.take("k") is None
     pool.put("k", busy)
     assert busy.closed and pool.open == 0
+
+
+def test_skips_stop_counting_for_a_removed_mirror() -> None:
+    ctx = _context(_config({"a": {}, "b": {"exposure": 0.0}}))
+    ms = ctx.open_mirrors(lambda m: NullReplayer())
+    a, b = ctx.mirrors
+    assert [s.mirror for s in ms.sessions] == [a] and ms.skipped == [b.stats]
+    _reload(ctx, _config({"a": {}}))
+    ms.reconfigure(ctx.still_sampled, ctx.serving)
+    assert ms.skipped == []
+    ms.offer(Unit(b"x"))
+    assert b.stats.skipped == 0 and a.stats.offered == 1
