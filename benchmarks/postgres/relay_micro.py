@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from gateway.mirror import Mirror, MirrorSession, MirrorSet  # noqa: E402
+from gateway.mirror import Mirror, MirrorSession, MirrorSet, Unit  # noqa: E402
 from gateway.pool import UpstreamPool  # noqa: E402
 from gateway_postgres import codec, framewalk  # noqa: E402
 from gateway_postgres.relay import PgSession, Phase  # noqa: E402
@@ -66,6 +66,22 @@ def _down_mirror() -> MirrorSet:
     return MirrorSet([MirrorSession(mirror, replayer)], [])
 
 
+def _full_mirror() -> MirrorSet:
+    """A mirror whose queue is full and whose worker never runs: the state a
+    session is in while a connection attempt to a hung mirror waits out its
+    timeout (the benchmark's hung mirror spends most of a run there)."""
+    config = SimpleNamespace(name="m", queue=1, queue_bytes=64 << 20, timeout=5.0,
+                             options=None)
+    upstream = SimpleNamespace(name="m", host="127.0.0.1", port=1, user=None,
+                               database=None, password=None, users={})
+    mirror = Mirror("bench", config, upstream, spawn=lambda fn: None)
+    pool: UpstreamPool[object] = UpstreamPool("m", 10)
+    replayer = PgReplayer(mirror, pool, {"user": "u"}, StatementRegistry(), 1 << 20)
+    session = MirrorSession(mirror, replayer)
+    session.offer(Unit(b"queued"))
+    return MirrorSet([session], [])
+
+
 def per_transaction(session: PgSession) -> float:
     def one() -> None:
         session.data_received(REQUEST)
@@ -78,6 +94,7 @@ def main() -> None:
     print(f"frame walker in use: {framewalk.IMPLEMENTATION}")
     print(f"no mirror:         {per_transaction(_session(None)):.2f} us per transaction")
     print(f"mirror down:       {per_transaction(_session(_down_mirror())):.2f} us per transaction")
+    print(f"mirror queue full: {per_transaction(_session(_full_mirror())):.2f} us per transaction")
     row = codec.frame(b"D", b"\x00\x02\x00\x00\x00\x04abcd\x00\x00\x00\x08efghijkl")
     answer = (codec.frame(b"T", b"\x00\x00") + row * 1000
               + codec.frame(b"C", b"SELECT 1000\x00") + codec.ready_for_query(b"I"))
