@@ -232,6 +232,8 @@ class MirrorSession:
         self._aborted = False
         self._bug_logged = False
         self._current: Unit | None = None
+        # Why offers are refused, as MirrorSet.down_until last found.
+        self.dark_reason = DropReason.QUEUE_FULL
         # The sampling fraction this session was taken at (Postgres exposure),
         # so that a reload lowering it keeps the same share of live sessions.
         self.sampled_at = 1.0
@@ -596,10 +598,10 @@ class MirrorSet:
         self.sessions = sessions
         self.skipped = skipped
         self.down = False  # every mirror dropped the last unit offered
-        # Set by down_until while every mirror refuses: per session, its
-        # counters, byte budget and the reason its drops are counted under,
-        # so that drop_unoffered costs a counter update per mirror.
-        self._dark: list[tuple[MirrorStats, int, DropReason]] | None = None
+        # Set by down_until while every mirror refuses: each session then
+        # holds the reason its drops are counted under (dark_reason), so that
+        # drop_unoffered costs a counter update per mirror.
+        self._dark = False
 
     def __bool__(self) -> bool:
         return bool(self.sessions)
@@ -617,18 +619,17 @@ class MirrorSet:
         until when the first may take one again (``time.monotonic``; the
         present time when that is for a queue to tell, so: ask again at the
         next chance); 0.0 if one would queue a unit now."""
-        self._dark = None
+        self._dark = False
         if not self.sessions:
             return 0.0
         until = math.inf
-        dark = []
         for s in self.sessions:
-            at, reason = s.refusal()
+            at, s.dark_reason = s.refusal()
             if not at:
                 return 0.0
-            until = min(until, at)
-            dark.append((s.stats, s._budget, reason))
-        self._dark = dark
+            if at < until:
+                until = at
+        self._dark = True
         return until
 
     def drop_unoffered(self, size: int) -> None:
@@ -638,16 +639,16 @@ class MirrorSet:
         The reasons are those ``down_until`` found: a protocol asks it again
         when the time it gave has come, at the start of its next group.
         """
-        dark = self._dark
-        if dark is None:
+        if not self._dark:
             for s in self.sessions:
                 s.drop_unoffered(size)
         else:
-            for stats, budget, reason in dark:
-                if size > budget and reason is not DropReason.SHUTDOWN:
-                    stats.offer_dropped(DropReason.TOO_LARGE)
+            for s in self.sessions:
+                reason = s.dark_reason
+                if size > s._budget and reason is not DropReason.SHUTDOWN:
+                    s.stats.offer_dropped(DropReason.TOO_LARGE)
                 else:
-                    stats.offer_dropped(reason)
+                    s.stats.offer_dropped(reason)
         for st in self.skipped:
             st.skipped += 1
 
@@ -669,7 +670,7 @@ class MirrorSet:
         """After a reload, at a boundary of the client session: close the queues
         ``keep`` refuses (they drain, then end) and refresh the others; keep
         counting skips only for the mirrors ``serving`` keeps."""
-        self._dark = None
+        self._dark = False
         if serving is not None:
             self.skipped = serving(self.skipped)
         kept = []
