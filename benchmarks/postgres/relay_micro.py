@@ -53,31 +53,29 @@ def _session(mirrors: MirrorSet | None) -> PgSession:
     return session
 
 
-def _down_mirror() -> MirrorSet:
-    config = SimpleNamespace(name="m", queue=500, queue_bytes=64 << 20, timeout=5.0,
+def _mirror_session(queue: int, pool: UpstreamPool[object]) -> MirrorSession:
+    """A session's queue to one mirror whose worker never runs."""
+    config = SimpleNamespace(name="m", queue=queue, queue_bytes=64 << 20, timeout=5.0,
                              options=None)
     upstream = SimpleNamespace(name="m", host="127.0.0.1", port=1, user=None,
                                database=None, password=None, users={})
     mirror = Mirror("bench", config, upstream, spawn=lambda fn: None)
+    replayer = PgReplayer(mirror, pool, {"user": "u"}, StatementRegistry(), 1 << 20)
+    return MirrorSession(mirror, replayer)
+
+
+def _down_mirror() -> MirrorSet:
     pool: UpstreamPool[object] = UpstreamPool("m", 10)
     pool.connect_failed()
     pool._retry_at = float("inf")  # a mirror in connect backoff for the whole run
-    replayer = PgReplayer(mirror, pool, {"user": "u"}, StatementRegistry(), 1 << 20)
-    return MirrorSet([MirrorSession(mirror, replayer)], [])
+    return MirrorSet([_mirror_session(500, pool)], [])
 
 
 def _full_mirror() -> MirrorSet:
-    """A mirror whose queue is full and whose worker never runs: the state a
-    session is in while a connection attempt to a hung mirror waits out its
-    timeout (the benchmark's hung mirror spends most of a run there)."""
-    config = SimpleNamespace(name="m", queue=1, queue_bytes=64 << 20, timeout=5.0,
-                             options=None)
-    upstream = SimpleNamespace(name="m", host="127.0.0.1", port=1, user=None,
-                               database=None, password=None, users={})
-    mirror = Mirror("bench", config, upstream, spawn=lambda fn: None)
-    pool: UpstreamPool[object] = UpstreamPool("m", 10)
-    replayer = PgReplayer(mirror, pool, {"user": "u"}, StatementRegistry(), 1 << 20)
-    session = MirrorSession(mirror, replayer)
+    """A mirror whose queue is full: the state a session is in while a
+    connection attempt to a hung mirror waits out its timeout (the
+    benchmark's hung mirror spends most of a run there)."""
+    session = _mirror_session(1, UpstreamPool("m", 10))
     session.offer(Unit(b"queued"))
     return MirrorSet([session], [])
 
