@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import base64
 import struct
-import time
-from typing import Any
 
 import attrs
 import pytest
@@ -19,8 +17,8 @@ import scramp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway import DropReason, ListenerContext, ReloadResult
-from gateway.config import Config, parse_config
+from gateway import DropReason, ReloadResult
+from gateway.config import parse_config
 from gateway_http import HttpProtocol
 from gateway_http.relay import HttpSession
 from gateway_postgres import PostgresProtocol, codec
@@ -36,6 +34,7 @@ from gateway_postgres.console_commands import (
 )
 from gateway_postgres.console_login import LoginFailed, ScramLogin
 from gateway_postgres.relay import PgSession
+from tests.support.control import StubControl
 
 USERS = {"ops": "console-Pa55"}
 CONFIG = """
@@ -70,35 +69,9 @@ timeout = "2s"
 # --- a small gateway to report on ----------------------------------------------------
 
 
-class Gateway:
-    """A Control over real ListenerContexts: what the console reads."""
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.started = time.time()
-        self.contexts = [ListenerContext(config, listener, {}, lambda fn: None)
-                         for listener in config.listeners]
-        for ctx in self.contexts:
-            ctx.control = self  # type: ignore[assignment]
-        self.reloads = 0
-
-    def listeners(self) -> list[ListenerContext]:
-        return list(self.contexts)
-
-    def bound(self, context: ListenerContext) -> bool:
-        return True
-
-    def upstream_pools(self) -> dict[str, Any]:
-        return {}
-
-    async def reload(self) -> ReloadResult:
-        self.reloads += 1
-        return ReloadResult(True, "reloaded")
-
-
 @pytest.fixture
-def gateway() -> Gateway:
-    return Gateway(parse_config(CONFIG, {"postgres": PostgresProtocol}, env={}))
+def gateway() -> StubControl:
+    return StubControl(parse_config(CONFIG, {"postgres": PostgresProtocol}, env={}))
 
 
 # --- helpers ---------------------------------------------------------------------------
@@ -132,7 +105,7 @@ def startup(user: str = "ops", **params: str) -> codec.StartupMessage:
     return packet
 
 
-def connection(gateway: Gateway | None, user: str = "ops",
+def connection(gateway: StubControl | None, user: str = "ops",
                users: dict[str, str] | None = None, **params: str) -> ConsoleConnection:
     return ConsoleConnection(startup(user, **params), USERS if users is None else users,
                              gateway, (4242, b"\1\2\3\4"))  # type: ignore[arg-type]
@@ -157,7 +130,7 @@ def log_in(conn: ConsoleConnection, password: str) -> bytes:
     return rest
 
 
-def ready(gateway: Gateway | None) -> ConsoleConnection:
+def ready(gateway: StubControl | None) -> ConsoleConnection:
     conn = connection(gateway)
     log_in(conn, USERS["ops"])
     assert conn.state is ConsoleState.READY
@@ -254,7 +227,7 @@ def test_an_empty_result_set_still_describes_its_columns() -> None:
 # --- the SHOW commands read the gateway -------------------------------------------------
 
 
-def test_show_mirrors_reports_the_counters(gateway: Gateway) -> None:
+def test_show_mirrors_reports_the_counters(gateway: StubControl) -> None:
     stats = gateway.contexts[0].mirrors[0].stats
     stats.offer_queued(100)
     stats.offer_queued(50)
@@ -274,7 +247,7 @@ def test_show_mirrors_reports_the_counters(gateway: Gateway) -> None:
     }
 
 
-def test_show_mirrors_lists_a_mirror_a_reload_removed_as_retired(gateway: Gateway) -> None:
+def test_show_mirrors_lists_a_mirror_a_reload_removed_as_retired(gateway: StubControl) -> None:
     ctx = gateway.contexts[0]
     mirror = ctx.mirrors[0]
     mirror.stats.offer_dropped(DropReason.QUEUE_FULL)
@@ -285,7 +258,7 @@ def test_show_mirrors_lists_a_mirror_a_reload_removed_as_retired(gateway: Gatewa
     assert (row["mirror"], row["offered"], row["health"]) == ("staging", "1", "retired")
 
 
-def test_show_listeners(gateway: Gateway) -> None:
+def test_show_listeners(gateway: StubControl) -> None:
     gateway.contexts[0].stats.primary_units = 7
     names, table = rows(answer(Command.SHOW_LISTENERS, gateway).encode())  # type: ignore[arg-type]
     assert names == ["name", "protocol", "listen", "primary", "clients", "units", "mirrors",
@@ -301,7 +274,7 @@ class _Transport:
         pass
 
 
-def test_show_clients_describes_each_session(gateway: Gateway) -> None:
+def test_show_clients_describes_each_session(gateway: StubControl) -> None:
     ctx = gateway.contexts[0]
     session = PgSession(PostgresProtocol(ctx))
     session.peer = "10.1.2.3:50123"
@@ -330,7 +303,7 @@ primary = "api"
 
 
 def test_show_clients_lists_http_connections_too() -> None:
-    gateway = Gateway(parse_config(HTTP_CONFIG, {"http": HttpProtocol}, env={}))
+    gateway = StubControl(parse_config(HTTP_CONFIG, {"http": HttpProtocol}, env={}))
     ctx = gateway.contexts[0]
     session = HttpSession(HttpProtocol(ctx))
     session.connection_made(_Transport())  # type: ignore[arg-type]
@@ -342,7 +315,7 @@ def test_show_clients_lists_http_connections_too() -> None:
     assert row["user"] is None and row["mirrors"] == ""
 
 
-def test_show_help_lists_every_command(gateway: Gateway) -> None:
+def test_show_help_lists_every_command(gateway: StubControl) -> None:
     _, table = rows(answer(Command.SHOW_HELP, gateway).encode())  # type: ignore[arg-type]
     assert [r[0] for r in table] == [c.value for c in Command]
 
@@ -403,7 +376,7 @@ def test_scram_refuses_a_changed_nonce_or_binding() -> None:
 # --- the connection ----------------------------------------------------------------------
 
 
-def test_login_then_ready(gateway: Gateway) -> None:
+def test_login_then_ready(gateway: StubControl) -> None:
     conn = connection(gateway, application_name="psql")
     rest = log_in(conn, USERS["ops"])
     out = frames(rest)
@@ -419,7 +392,7 @@ def test_login_then_ready(gateway: Gateway) -> None:
 
 
 @pytest.mark.parametrize("user,password", [("ops", "wrong"), ("nobody", USERS["ops"])])
-def test_login_refused_with_28p01(gateway: Gateway, user: str, password: str) -> None:
+def test_login_refused_with_28p01(gateway: StubControl, user: str, password: str) -> None:
     conn = connection(gateway, user=user)
     out = log_in(conn, password)
     assert conn.state is ConsoleState.CLOSED
@@ -429,7 +402,7 @@ def test_login_refused_with_28p01(gateway: Gateway, user: str, password: str) ->
     assert conn.refusal == fields["M"]
 
 
-def test_console_off_without_admin_users(gateway: Gateway) -> None:
+def test_console_off_without_admin_users(gateway: StubControl) -> None:
     conn = connection(gateway, users={})
     fields = error_of(conn.start())
     assert conn.state is ConsoleState.CLOSED
@@ -445,27 +418,27 @@ def test_a_newer_minor_version_is_negotiated_down() -> None:
     assert out[0] == ("v", struct.pack("!ii", 0, 1) + b"_pq_.compression\0")
 
 
-def test_login_must_be_sasl(gateway: Gateway) -> None:
+def test_login_must_be_sasl(gateway: StubControl) -> None:
     conn = connection(gateway)
     conn.start()
     assert error_of(conn.receive_data(codec.query("SHOW HELP")))["C"] == "08P01"
     assert conn.state is ConsoleState.CLOSED
 
 
-def test_login_refuses_another_mechanism(gateway: Gateway) -> None:
+def test_login_refuses_another_mechanism(gateway: StubControl) -> None:
     conn = connection(gateway)
     conn.start()
     out = conn.receive_data(codec.sasl_initial_response("SCRAM-SHA-256-PLUS", b"p=x,,n=,r=a"))
     assert error_of(out)["C"] == "28000"
 
 
-def test_show_help_answers_rows_then_ready(gateway: Gateway) -> None:
+def test_show_help_answers_rows_then_ready(gateway: StubControl) -> None:
     conn = ready(gateway)
     out = conn.receive_data(codec.query("show help;"))
     assert kinds(out) == "T" + "D" * len(Command) + "CZ"
 
 
-def test_unknown_command_is_an_error_and_the_session_goes_on(gateway: Gateway) -> None:
+def test_unknown_command_is_an_error_and_the_session_goes_on(gateway: StubControl) -> None:
     conn = ready(gateway)
     out = conn.receive_data(codec.query("SELECT 1"))
     assert kinds(out) == "EZ"
@@ -475,11 +448,11 @@ def test_unknown_command_is_an_error_and_the_session_goes_on(gateway: Gateway) -
     assert kinds(conn.receive_data(codec.query("SHOW LISTENERS"))) == "TDCZ"
 
 
-def test_empty_query(gateway: Gateway) -> None:
+def test_empty_query(gateway: StubControl) -> None:
     assert kinds(ready(gateway).receive_data(codec.query(""))) == "IZ"
 
 
-def test_extended_protocol_is_refused_until_sync(gateway: Gateway) -> None:
+def test_extended_protocol_is_refused_until_sync(gateway: StubControl) -> None:
     conn = ready(gateway)
     batch = (codec.parse(b"", b"SHOW HELP") + codec.frame(b"B", b"\0\0\0\0\0\0\0")
              + codec.frame(b"E", b"\0\0\0\0\0") + codec.sync())
@@ -489,38 +462,38 @@ def test_extended_protocol_is_refused_until_sync(gateway: Gateway) -> None:
     assert kinds(conn.receive_data(codec.query("SHOW HELP"))).endswith("CZ")
 
 
-def test_after_an_extended_message_everything_waits_for_sync(gateway: Gateway) -> None:
+def test_after_an_extended_message_everything_waits_for_sync(gateway: StubControl) -> None:
     conn = ready(gateway)
     out = conn.receive_data(codec.parse(b"", b"x") + codec.query("SHOW HELP") + codec.sync())
     assert kinds(out) == "EZ"
 
 
-def test_a_function_call_is_refused_with_its_own_ready(gateway: Gateway) -> None:
+def test_a_function_call_is_refused_with_its_own_ready(gateway: StubControl) -> None:
     out = ready(gateway).receive_data(codec.frame(b"F", b"\0\0\0\1\0\0\0\0\0\0"))
     assert kinds(out) == "EZ" and error_of(out)["C"] == "0A000"
 
 
-def test_terminate_closes(gateway: Gateway) -> None:
+def test_terminate_closes(gateway: StubControl) -> None:
     conn = ready(gateway)
     assert conn.receive_data(codec.terminate()) == b""
     assert conn.state is ConsoleState.CLOSED
     assert conn.receive_data(codec.query("SHOW HELP")) == b""
 
 
-def test_an_oversized_message_ends_the_session(gateway: Gateway) -> None:
+def test_an_oversized_message_ends_the_session(gateway: StubControl) -> None:
     conn = ready(gateway)
     out = conn.receive_data(b"Q" + struct.pack("!i", 1 << 20))
     assert error_of(out)["S"] == "FATAL"
     assert conn.state is ConsoleState.CLOSED
 
 
-def test_an_unknown_message_type_ends_the_session(gateway: Gateway) -> None:
+def test_an_unknown_message_type_ends_the_session(gateway: StubControl) -> None:
     conn = ready(gateway)
     assert error_of(conn.receive_data(codec.frame(b"?", b"")))["C"] == "08P01"
     assert conn.state is ConsoleState.CLOSED
 
 
-def test_reload_waits_for_the_driver_then_reports_changes(gateway: Gateway) -> None:
+def test_reload_waits_for_the_driver_then_reports_changes(gateway: StubControl) -> None:
     conn = ready(gateway)
     out = conn.receive_data(codec.query("RELOAD; SHOW HELP") + codec.query("SHOW LISTENERS"))
     assert out == b"" and conn.state is ConsoleState.RELOADING
@@ -534,7 +507,7 @@ def test_reload_waits_for_the_driver_then_reports_changes(gateway: Gateway) -> N
     assert frames_[2] == ("C", b"RELOAD\0")
 
 
-def test_a_refused_reload_is_an_error_and_skips_the_rest(gateway: Gateway) -> None:
+def test_a_refused_reload_is_an_error_and_skips_the_rest(gateway: StubControl) -> None:
     conn = ready(gateway)
     conn.receive_data(codec.query("RELOAD; SHOW HELP"))
     out = conn.reload_done(ReloadResult(False, "mirrorgate.toml:12: listener[0].primary: "
@@ -557,7 +530,7 @@ QUERIES = (codec.query("SHOW HELP") + codec.query("bogus") + codec.query("show l
 @settings(deadline=None)  # each example logs in twice: PBKDF2 on a shared machine
 @given(st.lists(st.integers(min_value=1, max_value=len(QUERIES) - 1), max_size=8))
 def test_any_split_gives_the_same_answers(cuts: list[int]) -> None:
-    gateway = Gateway(parse_config(CONFIG, {"postgres": PostgresProtocol}, env={}))
+    gateway = StubControl(parse_config(CONFIG, {"postgres": PostgresProtocol}, env={}))
     whole = ready(gateway).receive_data(QUERIES)
     conn = ready(gateway)
     points = [0, *sorted(set(cuts)), len(QUERIES)]
@@ -567,12 +540,12 @@ def test_any_split_gives_the_same_answers(cuts: list[int]) -> None:
     assert kinds(whole) == "T" + "D" * len(Command) + "CZ" + "EZ" + "TDCZ" + "EZ" + "IZ"
 
 
-def test_byte_by_byte_gives_the_same_answers(gateway: Gateway) -> None:
+def test_byte_by_byte_gives_the_same_answers(gateway: StubControl) -> None:
     whole = ready(gateway).receive_data(QUERIES)
     conn = ready(gateway)
     assert b"".join(conn.receive_data(QUERIES[i:i + 1]) for i in range(len(QUERIES))) == whole
 
 
-def test_repr_names_user_and_state(gateway: Gateway) -> None:
+def test_repr_names_user_and_state(gateway: StubControl) -> None:
     assert repr(ready(gateway)) == "<ConsoleConnection user='ops' READY>"
     assert "ops" in repr(ScramLogin("ops", "pw")) and "pw" not in repr(ScramLogin("ops", "pw"))

@@ -16,14 +16,14 @@ import gateway.status
 from gateway import __version__
 from gateway.accounting import DropReason, Histogram
 from gateway.admin import AdminServer
-from gateway.config import Config, parse_config
-from gateway.mirror import Mirror, MirrorSession, Replayer, Unit
-from gateway.pool import UpstreamPool
-from gateway.protocol import ClientSession, ListenerContext, ReloadResult
+from gateway.config import parse_config
+from gateway.mirror import MirrorSession, Replayer, Unit
+from gateway.protocol import ClientSession, ReloadResult
 from gateway.secrets import REDACTED
 from gateway.status import quantile, snapshot
 from gateway_http import HttpProtocol
 from gateway_postgres import PostgresProtocol
+from tests.support.control import StubControl
 
 CONFIG = """
 [admin]
@@ -117,36 +117,6 @@ class Client(ClientSession):
         return self.described
 
 
-class Gateway:
-    """The Control interface over hand-built listener contexts."""
-
-    def __init__(self, config: Config, started: float = 1_700_000_000.0) -> None:
-        self.config = config
-        self.started = started
-        self.pools: dict[str, UpstreamPool[Any]] = {
-            name: UpstreamPool(name, up.pool_size) for name, up in config.upstreams.items()}
-        self.contexts = [ListenerContext(config, listener, self.pools, lambda fn: None)
-                         for listener in config.listeners]
-        self.unbound: set[str] = set()
-        self.reloads: list[ReloadResult] = []
-
-    def listeners(self) -> list[ListenerContext]:
-        return list(self.contexts)
-
-    def bound(self, context: ListenerContext) -> bool:
-        return context.name not in self.unbound
-
-    def upstream_pools(self) -> dict[str, UpstreamPool[Any]]:
-        return self.pools
-
-    async def reload(self) -> ReloadResult:
-        return self.reloads.pop(0)
-
-    def mirror(self, listener: str, name: str) -> Mirror:
-        ctx = next(c for c in self.contexts if c.name == listener)
-        return next(m for m in ctx.mirrors if m.name == name)
-
-
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     clock = Clock()
@@ -156,10 +126,10 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
 
 
 @pytest.fixture
-def gw() -> Gateway:
+def gw() -> StubControl:
     config = parse_config(CONFIG, {"postgres": PostgresProtocol, "http": HttpProtocol},
                           path="/etc/mirrorgate.toml", env={})
-    return Gateway(config)
+    return StubControl(config)
 
 
 def _listener(snap: dict[str, Any], name: str) -> dict[str, Any]:
@@ -198,7 +168,7 @@ def test_quantile_of_nothing_observed_is_none() -> None:
 # --- the snapshot ----------------------------------------------------------------
 
 
-def test_gateway_and_listener_figures(gw: Gateway) -> None:
+def test_gateway_and_listener_figures(gw: StubControl) -> None:
     db = gw.contexts[0]
     db.stats.primary_units = 12
     for _ in range(12):
@@ -226,7 +196,7 @@ def test_gateway_and_listener_figures(gw: Gateway) -> None:
     assert "clients" not in listener
 
 
-def test_mirror_counters_queue_lag_and_latency(gw: Gateway, clock: Clock) -> None:
+def test_mirror_counters_queue_lag_and_latency(gw: StubControl, clock: Clock) -> None:
     mirror = gw.mirror("db", "staging")
     session = mirror.open_session(Idle())
     session.offer(Unit(b"q" * 100))  # queued, offered at 1000.0
@@ -259,13 +229,13 @@ def test_mirror_counters_queue_lag_and_latency(gw: Gateway, clock: Clock) -> Non
     assert m["retired"] is False
 
 
-def test_mirror_upstream_is_a_name_and_an_address_never_a_url(gw: Gateway) -> None:
+def test_mirror_upstream_is_a_name_and_an_address_never_a_url(gw: StubControl) -> None:
     m = _mirror(snapshot(gw), "db", "replica")
     assert m["upstream"] == {"name": "replica", "host": "10.0.2.26", "port": 6543,
                              "address": "10.0.2.26:6543"}
 
 
-def test_mirror_settings_show_the_core_keys_and_the_protocol_options(gw: Gateway) -> None:
+def test_mirror_settings_show_the_core_keys_and_the_protocol_options(gw: StubControl) -> None:
     snap = snapshot(gw)
     assert _mirror(snap, "db", "staging")["settings"] == {
         "timeout": 0.25, "queue": 7, "queue_bytes": 1024, "options": {"exposure": 0.5}}
@@ -275,7 +245,7 @@ def test_mirror_settings_show_the_core_keys_and_the_protocol_options(gw: Gateway
         "Authorization": REDACTED, "X-Api-Key": REDACTED, "X-Team": "blue"}
 
 
-def test_nothing_secret_appears_in_the_snapshot(gw: Gateway) -> None:
+def test_nothing_secret_appears_in_the_snapshot(gw: StubControl) -> None:
     gw.contexts[0].session_opened(Client(user="app", peer="127.0.0.1:5000"))
     text = json.dumps(snapshot(gw, clients=True), allow_nan=False)
     for secret in SECRETS:
@@ -284,14 +254,14 @@ def test_nothing_secret_appears_in_the_snapshot(gw: Gateway) -> None:
     assert '"users"' not in text and '"ops"' not in text
 
 
-def test_a_value_equal_to_a_password_is_redacted_wherever_it_appears(gw: Gateway) -> None:
+def test_a_value_equal_to_a_password_is_redacted_wherever_it_appears(gw: StubControl) -> None:
     gw.contexts[0].session_opened(Client(note="staging-pw-2", user="app"))
     clients = _listener(snapshot(gw, clients=True), "db")["clients"]
     assert clients == [{"note": REDACTED, "user": "app"}]
 
 
 def test_health_is_idle_then_up_then_backoff_with_the_time_to_retry(
-    gw: Gateway, clock: Clock
+    gw: StubControl, clock: Clock
 ) -> None:
     mirror = gw.mirror("db", "staging")
     assert _mirror(snapshot(gw), "db", "staging")["health"]["state"] == "idle"
@@ -308,7 +278,7 @@ def test_health_is_idle_then_up_then_backoff_with_the_time_to_retry(
     assert _mirror(snapshot(gw), "db", "staging")["health"]["state"] == "up"
 
 
-def test_snapshot_is_json_ready(gw: Gateway) -> None:
+def test_snapshot_is_json_ready(gw: StubControl) -> None:
     snap = snapshot(gw, clients=True)
     assert json.loads(json.dumps(snap, allow_nan=False)) == snap
 
@@ -316,19 +286,19 @@ def test_snapshot_is_json_ready(gw: Gateway) -> None:
 # --- the admin listener's routes -------------------------------------------------
 
 
-def _answer(gw: Gateway, method: bytes, target: bytes) -> Any:
+def _answer(gw: StubControl, method: bytes, target: bytes) -> Any:
     server = AdminServer("127.0.0.1", 0, gw)
     return asyncio.run(server.answer(method, target))
 
 
-def test_status_route_serves_the_snapshot_as_json(gw: Gateway) -> None:
+def test_status_route_serves_the_snapshot_as_json(gw: StubControl) -> None:
     answer = _answer(gw, b"GET", b"/status")
     assert answer.status == 200
     assert answer.content_type == "application/json"
     assert _mirror(json.loads(answer.body), "db", "staging")["name"] == "staging"
 
 
-def test_dashboard_route_serves_the_packaged_page_with_a_strict_policy(gw: Gateway) -> None:
+def test_dashboard_route_serves_the_packaged_page_with_a_strict_policy(gw: StubControl) -> None:
     answer = _answer(gw, b"GET", b"/")
     assert answer.status == 200
     assert answer.body.startswith(b"<!doctype html>")
@@ -336,7 +306,7 @@ def test_dashboard_route_serves_the_packaged_page_with_a_strict_policy(gw: Gatew
     assert "default-src 'none'" in policy and "connect-src 'self'" in policy
 
 
-def test_reload_route_answers_200_when_applied_and_422_when_refused(gw: Gateway) -> None:
+def test_reload_route_answers_200_when_applied_and_422_when_refused(gw: StubControl) -> None:
     change = "mirror db/staging: exposure 0.5 -> 1"
     gw.reloads = [ReloadResult(True, "applied", (change,)),
                   ReloadResult(False, "mirrorgate.toml:3: listener[0].queue: must be at least 1")]
@@ -356,7 +326,7 @@ def test_the_dashboard_names_no_other_origin() -> None:
     assert not re.search(r"@import|url\(", page, flags=re.I)
 
 
-def test_wrong_method_is_405_with_allow_and_unknown_path_is_404(gw: Gateway) -> None:
+def test_wrong_method_is_405_with_allow_and_unknown_path_is_404(gw: StubControl) -> None:
     get_reload = _answer(gw, b"GET", b"/reload")
     assert get_reload.status == 405
     assert dict(get_reload.headers)["allow"] == "POST"
