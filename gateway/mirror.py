@@ -287,14 +287,11 @@ class MirrorSession:
                     or self._units >= self._limit
                     or self.stats.queued_bytes + size > self._budget)
 
-    def refusing_until(self) -> float:
+    def refusal(self) -> tuple[float, DropReason]:
         """While an offer would be dropped whatever its size: until when
         (``time.monotonic``; ``inf`` for good, the present time when only the
-        worker can tell by draining its queue); 0.0 when one may be queued."""
-        return self.refusal()[0]
-
-    def refusal(self) -> tuple[float, DropReason]:
-        """``refusing_until``, and the reason such a drop is counted under."""
+        worker can tell by draining its queue; 0.0 when one may be queued),
+        and the reason such a drop is counted under."""
         if self._closed:
             return math.inf, DropReason.SHUTDOWN
         if self.replayer.unavailable():
@@ -305,7 +302,7 @@ class MirrorSession:
 
     def drop_unoffered(self, size: int) -> None:
         """Count a unit of ``size`` bytes that was not cut while this mirror
-        refused units (``refusing_until``): the drop ``offer`` would have
+        refused units (``refusal``): the drop ``offer`` would have
         counted, with nothing queued.
 
         Only for units outside any group the worker has seen (the protocol

@@ -93,15 +93,11 @@ class ListenerContext:
         pools: dict[str, UpstreamPool[Any]],
         spawn: Callable[[Callable[[], Any]], None],
     ) -> None:
-        self.config = config
-        self.listener = listener
         self.name: str = listener.name
-        self.options = listener.options
-        self.primary: Upstream = config.upstreams[listener.primary]
-        self.startup_timeout: float = config.general.startup_timeout
         self.stats = ListenerStats(listener.name)
         self.pools = pools
         self.spawn = spawn
+        self._take(config, listener)
         self.mirrors: list[Mirror] = [
             Mirror(listener.name, m, config.upstreams[m.upstream], spawn)
             for m in listener.mirrors
@@ -110,10 +106,6 @@ class ListenerContext:
         self.accepting = True
         # Set by the gateway: its operator interface (None in unit tests).
         self.control: Control | None = None
-        # Upstreams this listener sends client traffic to (its own primary and
-        # those of a protocol's routes, recorded by ``upstream``): /readyz
-        # checks that they answer.
-        self.primaries: dict[str, Upstream] = {self.primary.name: self.primary}
         # Mirrors a reload removed: their counters stay exported, their live
         # queues drain; a reload that names them again brings them back.
         self.retired: list[Mirror] = []
@@ -121,6 +113,18 @@ class ListenerContext:
         self.generation = 0
         self._reloading: dict[str, Mirror] | None = None  # by name, during a reload
         self._previous: list[str] = []
+
+    def _take(self, config: Config, listener: Listener) -> None:
+        """What the context reads from the config, at start and at each reload."""
+        self.config = config
+        self.listener = listener
+        self.options = listener.options
+        self.primary: Upstream = config.upstreams[listener.primary]
+        self.startup_timeout: float = config.general.startup_timeout
+        # Upstreams this listener sends client traffic to (its own primary and
+        # those of a protocol's routes, recorded by ``upstream``): /readyz
+        # checks that they answer.
+        self.primaries: dict[str, Upstream] = {self.primary.name: self.primary}
 
     # -- client sessions --
 
@@ -223,12 +227,7 @@ class ListenerContext:
         listener's own mirrors are matched by name; the protocol handler's
         ``reconfigure`` then claims those of its own tables with
         ``add_mirror``, and ``end_reload`` retires the rest."""
-        self.config = config
-        self.listener = listener
-        self.options = listener.options
-        self.primary = config.upstreams[listener.primary]
-        self.primaries = {self.primary.name: self.primary}
-        self.startup_timeout = config.general.startup_timeout
+        self._take(config, listener)
         self._previous = [m.name for m in self.mirrors]
         self._reloading = {m.name: m for m in self.all_mirrors}
         self.mirrors = []

@@ -80,10 +80,6 @@ class Gateway:
 
     # -- Control: what the admin listener and consoles read --
 
-    @property
-    def contexts(self) -> list[ListenerContext]:
-        return [s.context for s in self._served]
-
     def listeners(self) -> list[ListenerContext]:
         """Serving listeners, then removed ones whose sessions or queues are
         still finishing (their counters stay exported until then)."""
