@@ -23,6 +23,7 @@ from urllib.parse import parse_qs
 import attrs
 import h11
 
+from .config_values import Address
 from .metrics import render
 from .protocol import Control
 from .status import snapshot
@@ -109,7 +110,7 @@ class ReadinessProbe:
             primaries = []
             for name, up in ctx.primaries.items():
                 error = errors[(up.host, up.port)]
-                address = f"[{up.host}]:{up.port}" if ":" in up.host else f"{up.host}:{up.port}"
+                address = str(Address(up.host, up.port))
                 if error is not None:
                     failures.append(f"listener {ctx.name}: primary {name} ({address}): {error}")
                 primaries.append({"name": name, "address": address, "reachable": error is None,

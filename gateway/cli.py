@@ -100,6 +100,8 @@ def _cmd_reload(args: argparse.Namespace) -> int:
     listener. The file is checked here first: a broken one is never sent for."""
     import httpx
 
+    from .config_values import Address
+
     _, _, config = _load(args.config)
     if config is None:
         print("reload not asked: fix the config first", file=sys.stderr)
@@ -110,7 +112,7 @@ def _cmd_reload(args: argparse.Namespace) -> int:
               "send SIGHUP to the mirrorgate process instead", file=sys.stderr)
         return 1
     host = listen.host if listen.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
-    url = f"http://{'[' + host + ']' if ':' in host else host}:{listen.port}/reload"
+    url = f"http://{Address(host, listen.port)}/reload"
     try:
         response = httpx.post(url, timeout=args.timeout)
     except httpx.HTTPError as exc:

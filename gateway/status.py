@@ -20,6 +20,7 @@ from typing import Any
 import attrs
 
 from .accounting import DropReason, Histogram
+from .config_values import Address
 from .mirror import Mirror
 from .pool import UpstreamPool
 from .protocol import Control, ListenerContext
@@ -74,10 +75,6 @@ def _latency(histogram: Histogram) -> dict[str, Any]:
     }
 
 
-def _address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 class _Scrubber:
     """Makes option values JSON-ready and hides what is secret in them."""
 
@@ -125,7 +122,7 @@ def _mirror(mirror: Mirror, pool: UpstreamPool[Any] | None, scrub: _Scrubber) ->
         # Removed by a reload: its counters stay, its live queues drain.
         "retired": mirror.retired,
         "upstream": {"name": upstream.name, "host": upstream.host, "port": upstream.port,
-                     "address": _address(upstream.host, upstream.port)},
+                     "address": str(Address(upstream.host, upstream.port))},
         "offered": st.offered,
         "skipped": st.skipped,
         "delivered": dict(sorted(st.delivered.items())),
@@ -157,7 +154,7 @@ def _listener(control: Control, ctx: ListenerContext, scrub: _Scrubber,
         "listen": str(ctx.listener.listen),
         "bound": control.bound(ctx),
         "primaries": [
-            {"name": name, "address": _address(up.host, up.port)}
+            {"name": name, "address": str(Address(up.host, up.port))}
             for name, up in ctx.primaries.items()
         ],
         "client_connections": ctx.stats.client_connections,
