@@ -3,6 +3,7 @@
 # gateway's mirrors to drain, and quote logs and errors in a report.
 from __future__ import annotations
 
+import argparse
 import glob
 import os
 import signal
@@ -99,3 +100,23 @@ def brief(error: str) -> str:
     lines = error.strip().splitlines() or ["?"]
     text = lines[0] if len(lines) == 1 else f"{lines[0].split(':')[0]}: {lines[-1].strip()}"
     return text.replace("|", "\\|")
+
+
+def choose_paths(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                 paths: list[str]) -> None:
+    """Set ``args.paths`` from ``--only`` (every path when empty); an unknown
+    name is a usage error."""
+    args.paths = [x for x in args.only.split(",") if x] or paths
+    unknown = set(args.paths) - set(paths)
+    if unknown:
+        parser.error(f"unknown path(s): {', '.join(sorted(unknown))}")
+
+
+def failures_section(errors: dict[str, object]) -> list[str]:
+    """The report's closing section: each failed path and its error."""
+    if not errors:
+        return []
+    lines = ["", "## Failures", ""]
+    for name, err in errors.items():
+        lines += [f"**{name}**", "", "```", str(err), "```", ""]
+    return lines

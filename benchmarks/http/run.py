@@ -33,7 +33,9 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.common import (  # noqa: E402
     brief,
+    choose_paths,
     cpu_seconds,
+    failures_section,
     last_lines,
     stop_gateway,
     tail,
@@ -532,10 +534,7 @@ def report(bench: Bench) -> str:
         for i, f in enumerate(fails):
             if f != errors.get(name):
                 errors[f"{name} (failed run {i + 1})"] = f
-    if errors:
-        lines += ["", "## Failures", ""]
-        for name, err in errors.items():
-            lines += [f"**{name}**", "", "```", str(err), "```", ""]
+    lines += failures_section(errors)
     return "\n".join(lines) + "\n"
 
 
@@ -551,10 +550,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", default="", help="comma-separated subset of: " + ",".join(PATHS))
     p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
     args = p.parse_args(argv)
-    args.paths = [x for x in args.only.split(",") if x] or PATHS
-    unknown = set(args.paths) - set(PATHS)
-    if unknown:
-        p.error(f"unknown path(s): {', '.join(sorted(unknown))}")
+    choose_paths(p, args, PATHS)
     for tool in ("wrk", nginx_exe()):
         if shutil.which(tool) is None:
             p.error(f"{tool} not found (Debian packages wrk and nginx)")

@@ -34,7 +34,9 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.common import (  # noqa: E402
     brief,
+    choose_paths,
     cpu_seconds,
+    failures_section,
     family,
     last_lines,
     stop_gateway,
@@ -425,10 +427,7 @@ def report(bench: Bench) -> str:
             )
     errors = {n: p.error for n, p in bench.paths.items() if p.error}
     errors.update({f"{n} {w}": e for (n, w), e in bench.failures.items()})
-    if errors:
-        lines += ["", "## Failures", ""]
-        for name, err in errors.items():
-            lines += [f"**{name}**", "", "```", str(err), "```", ""]
+    lines += failures_section(errors)
     return "\n".join(lines) + "\n"
 
 
@@ -444,10 +443,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", default="", help="comma-separated subset of: " + ",".join(PATHS))
     p.add_argument("--keep", action="store_true", help="keep the temp dirs (clusters, logs)")
     args = p.parse_args(argv)
-    args.paths = [x for x in args.only.split(",") if x] or PATHS
-    unknown = set(args.paths) - set(PATHS)
-    if unknown:
-        p.error(f"unknown path(s): {', '.join(sorted(unknown))}")
+    choose_paths(p, args, PATHS)
     return args
 
 
