@@ -238,3 +238,19 @@ def test_methods_head_keep_alive_and_unknown_paths(admin: Admin) -> None:
     assert page.status_code == 200
     assert page.headers["content-type"].startswith("text/html")
     assert "default-src 'none'" in page.headers["content-security-policy"]
+
+
+def test_bad_requests_get_a_clear_4xx_and_the_listener_carries_on(admin: Admin) -> None:
+    host, port = admin.base.removeprefix("http://").rsplit(":", 1)
+    # A body over the admin listener's limit: 413, nothing reloaded.
+    big = admin.http.post("/reload", content=b"x" * (64 * 1024))
+    assert big.status_code == 413, big.text
+    # Garbage instead of a request line: 400 and the connection closed.
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"\x16\x03\x01 not http at all\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    assert admin.get("/healthz").status_code == 200
+    assert admin.status()["listeners"]  # still serving
