@@ -293,8 +293,6 @@ def start_gateway(bench: Bench, name: str, mirror: int | None) -> Target:
     return path
 
 
-
-
 def mirror_counts(gw: GatewayProcess) -> tuple[float, float, dict[str, float]] | None:
     """(offered, delivered over every outcome, dropped by reason) for the listener."""
     try:
@@ -314,8 +312,6 @@ def mirror_counts(gw: GatewayProcess) -> tuple[float, float, dict[str, float]] |
             reason = dict(labels).get("reason", "?")
             drops[reason] = drops.get(reason, 0.0) + v
     return offered, delivered, drops
-
-
 
 
 # -- paths -----------------------------------------------------------------------
@@ -380,10 +376,6 @@ def _read_pid(pid_file: Path) -> int | None:
         return None
 
 
-
-
-
-
 def wrk(bench: Bench, path: Target) -> Run:
     """One wrk run against ``path``; a run with any error raises RuntimeError."""
     a = bench.args
@@ -424,8 +416,6 @@ def wrk(bench: Bench, path: Target) -> Run:
 
 def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.3f}" if a is not None and b else "n/a"
-
-
 
 
 def _met(value: float, target: str) -> str:

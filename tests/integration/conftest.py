@@ -84,8 +84,6 @@ class Gateway:
         return self.process.log()
 
 
-
-
 def render_config(primary: PgCluster, mirrors: list[MirrorSpec], port: int, admin: int,
                   listener: Mapping[str, Any] | None = None) -> str:
     lines = [

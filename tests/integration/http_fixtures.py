@@ -66,10 +66,7 @@ def nonzero(counts: Mapping[str, float]) -> dict[str, float]:
     return {k: v for k, v in counts.items() if v}
 
 
-
 # --------------------------------------------------------------------------- config
-
-
 
 
 Target = HttpServer | int  # a test server, or a port where nothing listens

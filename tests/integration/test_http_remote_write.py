@@ -126,7 +126,6 @@ def http_gateway(tmp_path: Path) -> Iterator[Callable[[int, int], HttpGateway]]:
         pytest.fail("gateway logged a traceback:\n" + "\n".join(broken))
 
 
-
 def label_sets(server: Prometheus, match: str) -> LabelSets:
     return {frozenset(s.items()) for s in server.series(match)}
 

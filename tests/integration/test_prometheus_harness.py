@@ -30,7 +30,6 @@ def receiver() -> Iterator[Prometheus]:
         yield server
 
 
-
 def label_sets(series: list[dict[str, str]]) -> set[frozenset[tuple[str, str]]]:
     return {frozenset(s.items()) for s in series}
 
