@@ -31,7 +31,8 @@ from gateway import (
 
 from . import codec
 from .auth import AuthFailed, MirrorAuth
-from .statements import StatementRegistry, deallocated_statement, frames, resets_statements
+from .framewalk import FrameError, walk
+from .statements import StatementRegistry, deallocated_statement, resets_statements
 
 log = logging.getLogger("mirrorgate.postgres.mirror")
 
@@ -39,7 +40,12 @@ _len = struct.Struct("!i").unpack_from
 _READY, _ERROR, _COPY_IN, _COPY_OUT, _COPY_BOTH = (ord(c) for c in "ZEGHW")
 _AUTH, _KEY, _PARSE_COMPLETE = ord("R"), ord("K"), ord("1")
 _PARSE, _BIND, _DESCRIBE, _CLOSE, _QUERY = (ord(c) for c in "PBDCQ")
-_NOISE = frozenset(ord(c) for c in "ANS")  # notification, notice, parameter status
+_STATEMENT = ord("S")  # a Describe or Close of a statement, not a portal
+# The client frames that name prepared statements (or may drop them: Query).
+_NAMING_ACTIONS = bytes(1 if t in b"PBDCQ" else 0 for t in range(256))
+# The answer frames a replayer acts on; the rest (rows, notices,
+# notifications, parameter changes) are stepped over.
+_ANSWER_ACTIONS = bytes(1 if t in b"Z1EGW" else 0 for t in range(256))
 _IDLE, _IN_TX, _FAILED = ord("I"), ord("T"), ord("E")
 _COPY_DONE, _COPY_FAIL = ord("c"), ord("f")
 _SYNC_FRAME = b"S\x00\x00\x00\x04"
@@ -51,51 +57,122 @@ _NOT_REPLAYED = frozenset({"user", "database", "replication"})
 
 
 class MirrorConn(asyncio.Protocol):
-    """One connection to a mirror server, read frame by frame."""
+    """One connection to a mirror server.
+
+    During login its frames are read one by one (``frame``). After it, the
+    answers to units are only stepped over with the frame walker as they
+    arrive: no body is kept, and what deliver needs (ParseComplete count,
+    whether an ErrorResponse came, CopyInResponse, the ReadyForQuery status)
+    is tallied as the chunks come, so the worker wakes once per answer.
+    A watchdog timer, armed per unit and re-armed lazily, ends a connection
+    whose answer is late: one timer per ``timeout`` rather than one per unit.
+    """
 
     def __init__(self, max_message: int) -> None:
-        self.reader = codec.FrameReader(max_message)
+        self.reader: codec.FrameReader | None = codec.FrameReader(max_message)
         self.transport: asyncio.Transport | None = None
         self.lost: str | None = None
+        self.timed_out = False
         self.status = _IDLE
         self.backend_key: tuple[int, bytes] | None = None
         self.prepared: set[bytes] = set()
-        self.busy = False
+        # The answer being read (reset by expect()).
+        self.ready = False
+        self.parsed = 0
+        self.failed = False
+        self.copy_in = False
+        self._skip = 0        # bytes of the current frame still to come
+        self._tail = b""      # a split frame header (or a split ReadyForQuery)
         self._waiter: asyncio.Future[None] | None = None
         self._drained: asyncio.Future[None] | None = None
+        self._loop = asyncio.get_running_loop()
+        self._deadline = math.inf
+        self._timeout = 0.0
+        self._watch: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        self.reader.feed(data)
-        if not self.busy:
-            self._discard_noise()
+        if self.reader is None:
+            self._walk(data)
+        else:
+            self.reader.feed(data)
+            self._wake()
+
+    def logged_in(self) -> None:
+        """Login is over: from now on answers are walked, not buffered."""
+        reader = self.reader
+        self.reader = None
+        if reader is not None and reader.buffered:
+            self._walk(reader.take_buffered())
+
+    def _walk(self, data: bytes) -> None:
+        if self._tail:
+            data = self._tail + data
+            self._tail = b""
+        n = len(data)
+        pos = self._skip
+        if pos >= n:
+            self._skip = pos - n
+            return
+        try:
+            pos, hits = walk(data, pos, _ANSWER_ACTIONS)
+        except FrameError as exc:
+            _, kind, length = exc.args
+            self._fail(f"mirror sent a malformed message: invalid length {length} "
+                       f"(type {chr(kind)!r})")
+            return
+        if pos < n:
+            self._tail = data[pos:]
+            self._skip = 0
+        else:
+            self._skip = pos - n
+        if not hits:
+            return
+        for kind, begin, end in hits:
+            if kind == _READY:
+                if end > n:
+                    # Split before its status byte: read it whole next time.
+                    self._tail = data[begin:]
+                    self._skip = 0
+                    break
+                self.status = data[begin + 5]
+                self.ready = True
+            elif kind == _PARSE_COMPLETE:
+                self.parsed += 1
+            elif kind == _ERROR:
+                self.failed = True
+            elif kind == _COPY_IN:
+                self.copy_in = True
+            else:  # CopyBothResponse
+                self._fail("mirror started COPY BOTH (replication is not mirrored)")
+                return
         self._wake()
 
-    def _discard_noise(self) -> None:
-        # Between units a LISTENing mirror may send notifications: drop them now
-        # so an idle connection holds no growing buffer.
-        reader = self.reader
-        while reader.buffered >= 5:
-            raw = reader.peek_type()
-            if raw is None or raw not in _NOISE:
-                return
-            if reader.next_frame() is None:
-                return
+    def _fail(self, reason: str) -> None:
+        if self.lost is None:
+            self.lost = reason
+        if self.transport is not None:
+            self.transport.abort()
+        self._wake()
+        self._release_drain()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = str(exc) if exc else "the mirror closed the connection"
+        if self.lost is None:
+            self.lost = str(exc) if exc else "the mirror closed the connection"
         self._wake()
+        self._release_drain()
+
+    def _release_drain(self) -> None:
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
     def pause_writing(self) -> None:
-        self._drained = asyncio.get_running_loop().create_future()
+        self._drained = self._loop.create_future()
 
     def resume_writing(self) -> None:
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
+        self._release_drain()
         self._drained = None
 
     def _wake(self) -> None:
@@ -103,25 +180,101 @@ class MirrorConn(asyncio.Protocol):
         if w is not None and not w.done():
             w.set_result(None)
 
+    # -- the deadline --
+
+    def arm(self, timeout: float) -> None:
+        """The mirror has ``timeout`` seconds from now to answer."""
+        self._timeout = timeout
+        self._deadline = self._loop.time() + timeout
+        if self._watch is None:
+            self._watch = self._loop.call_at(self._deadline, self._check)
+
+    def disarm(self) -> None:
+        """Nothing is asked of the mirror (between units, or waiting for the client)."""
+        self._deadline = math.inf
+
+    def _check(self) -> None:
+        self._watch = None
+        if self.lost is not None or self._deadline == math.inf:
+            return
+        if self._loop.time() >= self._deadline:
+            self.timed_out = True
+            self._fail(f"no answer within {self._timeout:g}s")
+        else:
+            self._watch = self._loop.call_at(self._deadline, self._check)
+
+    def _error(self) -> Exception:
+        assert self.lost is not None
+        if self.timed_out:
+            return MirrorTimeout(self.lost)
+        return MirrorError(self.lost)
+
+    # -- asking --
+
     def write(self, data: bytes) -> None:
         if self.lost is not None:
-            raise MirrorError(self.lost)
+            raise self._error()
         self.transport.write(data)  # type: ignore[union-attr]
+
+    def expect(self) -> None:
+        """A new request goes out: forget what the last answer said."""
+        self.ready = False
+        self.parsed = 0
+        self.failed = False
+        self.copy_in = False
+
+    async def answer(self) -> None:
+        """Wait for the ReadyForQuery that ends the answer, or a CopyInResponse.
+
+        :raises MirrorTimeout: the deadline passed.
+        :raises MirrorError: the connection is gone or the mirror broke protocol.
+        """
+        while not self.ready and not self.copy_in:
+            if self.lost is not None:
+                raise self._error()
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    async def ask(self, request: bytes, timeout: float) -> bool:
+        """Send a request of the gateway's own and read its answer in ``timeout``.
+
+        :returns: whether an ErrorResponse came.
+        """
+        self.expect()
+        self.arm(timeout)
+        self.write(request)
+        try:
+            return await self.until_ready()
+        finally:
+            self.disarm()
+
+    async def until_ready(self) -> bool:
+        """Read to ReadyForQuery. :returns: whether an ErrorResponse came first."""
+        while True:
+            await self.answer()
+            if self.ready:
+                return self.failed
+            self.copy_in = False  # not asked for here; the server will say so
 
     async def drain(self) -> None:
         if self._drained is not None:
             await self._drained
         if self.lost is not None:
-            raise MirrorError(self.lost)
+            raise self._error()
 
     async def frame(self) -> tuple[int, bytes]:
-        """The next frame from the mirror.
+        """The next frame from the mirror, during login.
 
         :raises MirrorError: the connection is gone or the mirror broke protocol.
         """
+        reader = self.reader
+        assert reader is not None, "frames are read one by one during login only"
         while True:
             try:
-                f = self.reader.next_frame()
+                f = reader.next_frame()
             except codec.ProtocolViolation as exc:
                 self.close()
                 raise MirrorError(f"mirror sent a malformed message: {exc.message}") from exc
@@ -129,28 +282,20 @@ class MirrorConn(asyncio.Protocol):
                 return f
             if self.lost is not None:
                 raise MirrorError(self.lost)
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = self._loop.create_future()
             try:
                 await self._waiter
             finally:
                 self._waiter = None
-
-    async def until_ready(self) -> bool:
-        """Read to ReadyForQuery. :returns: whether an ErrorResponse came first."""
-        failed = False
-        while True:
-            kind, body = await self.frame()
-            if kind == _READY:
-                self.status = body[0]
-                return failed
-            if kind == _ERROR:
-                failed = True
 
     def close(self) -> None:
         if self.transport is not None:
             self.transport.abort()
         if self.lost is None:
             self.lost = "closed by the gateway"
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
 
     def __repr__(self) -> str:
         return (f"<MirrorConn status={chr(self.status)} prepared={len(self.prepared)} "
@@ -232,7 +377,6 @@ class PgReplayer(Replayer):
             async with asyncio.timeout(self.timeout):
                 _, conn = await loop.create_connection(
                     lambda: MirrorConn(self.max_message), upstream.host, upstream.port)
-                conn.busy = True
                 conn.write(codec.startup_message(self.startup))
                 auth = MirrorAuth(self.user, self.password)
                 while True:
@@ -248,7 +392,7 @@ class PgReplayer(Replayer):
                         raise AuthFailed(msg)
                     elif kind == _READY:
                         conn.status = body[0]
-                        conn.busy = False
+                        conn.logged_in()
                         return conn
         except AuthFailed as exc:
             # The mirror refused this session (user, password, database): other
@@ -287,45 +431,63 @@ class PgReplayer(Replayer):
     def _with_statements(self, conn: MirrorConn, data: bytes) -> tuple[bytes, list[bytes]]:
         """Prefix Parse frames for named statements this mirror connection lacks.
 
+        One call of the frame walker finds the frames that name statements;
+        a unit of Binds to statements the connection has (most units) costs
+        a set lookup per Bind. A frame too malformed to name its statement
+        is left for the mirror to refuse, as the primary did.
+
         :returns: the bytes to send, and the names of every Parse in them in
             order (b"" for the unnamed statement), to be confirmed by the
             mirror's ParseComplete answers.
         """
+        try:
+            _, hits = walk(data, 0, _NAMING_ACTIONS)
+        except FrameError as exc:
+            _, hits = walk(data[:exc.args[0]], 0, _NAMING_ACTIONS)
         prepared = conn.prepared
         pending: set[bytes] = set()  # parsed earlier in this unit
         missing: list[bytes] = []
         parses: list[bytes] = []
-        view = memoryview(data)
-        for kind, body, end in frames(data):
-            if kind == _PARSE:
-                name = codec.statement_name_of_parse(view[body:end])
-                parses.append(name)
-                pending.add(name)
-            elif kind == _BIND or kind == _DESCRIBE:
-                if kind == _BIND:
-                    name = codec.statement_name_of_bind(view[body:end])
-                else:
-                    what, name = codec.describe_target(view[body:end])
-                    if what != b"S":
-                        continue
-                if name and name not in prepared and name not in pending:
-                    parse = self.statements.get(name)
-                    if parse is not None:
-                        missing.append(parse)
-                        pending.add(name)
-            elif kind == _CLOSE:
-                what, name = codec.close_target(view[body:end])
-                if what == b"S":
-                    prepared.discard(name)
-                    pending.discard(name)
+        find = data.find
+        for kind, body, end in hits:
+            body += 5
+            if kind == _BIND:
+                # Portal name, then statement name.
+                nul = find(b"\0", body, end)
+                stop = find(b"\0", nul + 1, end) if nul >= 0 else -1
+                if stop < 0:
+                    continue
+                name = data[nul + 1:stop]
+            elif kind == _PARSE:
+                stop = find(b"\0", body, end)
+                if stop >= 0:
+                    name = data[body:stop]
+                    parses.append(name)
+                    pending.add(name)
+                continue
             elif kind == _QUERY:
-                sql = view[body:end]
+                sql = memoryview(data)[body:end]
                 if resets_statements(sql):
                     prepared.clear()
                     pending.clear()
                 elif (gone := deallocated_statement(sql)) is not None:
                     prepared.discard(gone)
                     pending.discard(gone)
+                continue
+            else:  # Describe or Close: 'S' for a statement, then its name
+                stop = find(b"\0", body + 1, end)
+                if stop < 0 or data[body] != _STATEMENT:
+                    continue
+                name = data[body + 1:stop]
+                if kind == _CLOSE:
+                    prepared.discard(name)
+                    pending.discard(name)
+                    continue
+            if name and name not in prepared and name not in pending:
+                parse = self.statements.get(name)
+                if parse is not None:
+                    missing.append(parse)
+                    pending.add(name)
         if missing:
             # The injected Parses run first, so their names come first.
             injected = [codec.statement_name_of_parse(memoryview(p)[5:]) for p in missing]
@@ -343,68 +505,55 @@ class PgReplayer(Replayer):
                 await self.abort_group()
             conn = await self._connection()
         data, parses = self._with_statements(conn, unit.data)
-        parsed = 0  # ParseComplete answers: the first `parsed` Parses took
-        failed = False
         self._running = True
-        conn.busy = True
         try:
-            async with asyncio.timeout(self.timeout) as deadline:
-                conn.write(data)
-                while True:
-                    kind, body = await conn.frame()
-                    if kind == _READY:
-                        conn.status = body[0]
-                        break
-                    if kind == _PARSE_COMPLETE:
-                        parsed += 1
-                    elif kind == _ERROR:
-                        failed = True
-                    elif kind == _COPY_IN:
-                        await self._stream_copy(unit, session, conn, deadline)
-                    elif kind == _COPY_BOTH:
-                        raise MirrorError("mirror started COPY BOTH (replication is not mirrored)")
-        except TimeoutError:
-            self._drop_conn()
-            raise MirrorTimeout(f"no answer within {self.timeout:g}s") from None
-        except MirrorError:
+            conn.expect()
+            conn.arm(self.timeout)
+            conn.write(data)
+            await conn.answer()
+            while not conn.ready:  # CopyInResponse: the mirror waits for the data
+                conn.copy_in = False
+                await self._stream_copy(unit, session, conn)
+                await conn.answer()
+        except (MirrorTimeout, MirrorError):
             self._drop_conn()
             raise
         except UnitCut:
+            conn.disarm()
             raise
         except BaseException:
             self._drop_conn()  # cancelled mid-unit: the connection is out of step
             raise
         finally:
             self._running = False
-            if self.conn is not None:
-                self.conn.busy = False
-        # "ParseComplete" answers each Parse that succeeded; after an error the
-        # server skips to Sync, so the Parses past the count did not happen.
-        conn.prepared.update(name for name in parses[:parsed] if name)
+        conn.disarm()
+        if parses:
+            # "ParseComplete" answers each Parse that succeeded; after an error
+            # the server skips to Sync, so the Parses past the count did not happen.
+            conn.prepared.update(name for name in parses[:conn.parsed] if name)
+        failed = conn.failed
         await self._follow_primary(unit, conn, session)
         return "error" if failed else "ok"
 
-    async def _stream_copy(self, unit: Unit, session: MirrorSession, conn: MirrorConn,
-                           deadline: asyncio.Timeout) -> None:
+    async def _stream_copy(self, unit: Unit, session: MirrorSession, conn: MirrorConn) -> None:
         """The mirror is in copy-in: pass it the COPY data as the client sends it."""
         extended = unit.data.endswith(_SYNC_FRAME)
-        loop = asyncio.get_running_loop()
-        deadline.reschedule(None)  # waiting for the client is not the mirror's fault
+        conn.disarm()  # waiting for the client is not the mirror's fault
         try:
             async for chunk in session.chunks(unit):
+                conn.arm(self.timeout)
                 conn.write(chunk)
-                deadline.reschedule(loop.time() + self.timeout)
                 await conn.drain()
-                deadline.reschedule(None)
+                conn.disarm()
         except UnitCut:
             # All or nothing: the mirror must not keep the rows it already got.
-            deadline.reschedule(loop.time() + self.timeout)
+            conn.arm(self.timeout)
             conn.write(codec.copy_fail("mirrorgate: COPY dropped for this mirror "
                                        "(queue budget exhausted)")
                        + (codec.sync() if extended else b""))
             await conn.until_ready()
             raise
-        deadline.reschedule(loop.time() + self.timeout)
+        conn.arm(self.timeout)
         if unit.meta not in (_COPY_DONE, _COPY_FAIL):
             # The client's COPY never finished (it went away, or the primary
             # failed): end it on the mirror without applying it.
@@ -460,15 +609,10 @@ class PgReplayer(Replayer):
         conn = self.conn
         if conn is None or conn.lost is not None or conn.status == _IDLE:
             return
-        conn.busy = True
         try:
-            async with asyncio.timeout(self.timeout):
-                conn.write(_ROLLBACK)
-                await conn.until_ready()
-        except (TimeoutError, MirrorError):
+            await conn.ask(_ROLLBACK, self.timeout)
+        except (MirrorTimeout, MirrorError):
             self._drop_conn()
-        finally:
-            conn.busy = False
 
     def cancel(self) -> None:
         conn = self.conn
@@ -488,24 +632,18 @@ class PgReplayer(Replayer):
         if conn.lost is not None:
             self.pool.discard()
             return
-        conn.busy = True
         try:
-            async with asyncio.timeout(self.timeout):
-                if conn.status != _IDLE:
-                    conn.write(_ROLLBACK)
-                    await conn.until_ready()
-                # "DISCARD ALL ... resets a session to its initial state":
-                # prepared statements, LISTENs, temp tables, settings.
-                conn.write(_DISCARD_ALL)
-                if await conn.until_ready():
-                    raise MirrorError("DISCARD ALL failed")
-        except (TimeoutError, MirrorError):
+            if conn.status != _IDLE:
+                await conn.ask(_ROLLBACK, self.timeout)
+            # "DISCARD ALL ... resets a session to its initial state":
+            # prepared statements, LISTENs, temp tables, settings.
+            if await conn.ask(_DISCARD_ALL, self.timeout):
+                raise MirrorError("DISCARD ALL failed")
+        except (MirrorTimeout, MirrorError):
             conn.close()
             self.pool.discard()
             return
         conn.prepared.clear()
-        conn.busy = False
-        conn._discard_noise()
         self.pool.put(self.key, conn)
 
     def __repr__(self) -> str:

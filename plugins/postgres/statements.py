@@ -2,8 +2,8 @@
 #
 # Owns: the Parse frames a client session sent for named statements, so that a
 # mirror connection that missed one (its unit was dropped, or the connection was
-# reset) can be given the Parse again before a Bind that needs it; and the
-# frame walk that finds Parse, Bind, Describe and Close in a unit's bytes.
+# reset) can be given the Parse again before a Bind that needs it; and what
+# a Query does to them (DISCARD ALL, DEALLOCATE).
 # Must not know: queues or sockets. Bounded: at most MAX_STATEMENTS entries and
 # MAX_BYTES of Parse frames; past that the oldest are forgotten (a mirror that
 # missed one of those answers the Bind with an error, counted as outcome error).
@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import re
 import struct
-from collections.abc import Iterator
 
 from . import codec
 
-__all__ = ["StatementRegistry", "deallocated_statement", "frames", "resets_statements"]
+__all__ = ["StatementRegistry", "deallocated_statement", "resets_statements"]
 
 MAX_STATEMENTS = 10_000
 MAX_BYTES = 16 * 1024 * 1024
@@ -30,18 +29,6 @@ _RESET = re.compile(rb"\s*(?:DISCARD\s+ALL|DEALLOCATE\s+(?:PREPARE\s+)?ALL)\b", 
 _DEALLOCATE_ONE = re.compile(
     rb'\s*DEALLOCATE\s+(?:PREPARE\s+)?(?!ALL\b)("(?:[^"\x00]|"")+"|[A-Za-z_\x80-\xff][\w$\x80-\xff]*)'
     rb"\s*;?\s*\x00?\Z", re.IGNORECASE)
-
-
-def frames(data: bytes) -> Iterator[tuple[int, int, int]]:
-    """(type, body start, end) of each complete frame in ``data``."""
-    pos, n = 0, len(data)
-    while n - pos >= 5:
-        length = _len(data, pos + 1)[0]
-        end = pos + 1 + length
-        if length < 4 or end > n:
-            return
-        yield data[pos], pos + 5, end
-        pos = end
 
 
 def resets_statements(sql_body: bytes | memoryview) -> bool:

@@ -122,6 +122,8 @@ def test_hung_mirror_workload_completes_and_memory_is_bounded(
     pytest.param(b"R\x00\x00\x00\x02junk", id="bad-length"),
     pytest.param(b"R\x00\x00\x00\x08\x00\x00\x00\x63", id="unknown-auth"),
     pytest.param(b"Z\x00\x00\x00\x05I", id="ready-without-auth"),
+    pytest.param(b"R\x00\x00\x00\x08\x00\x00\x00\x00Z\x00\x00\x00\x05ID\x00\x00\x00\x02",
+                 id="bad-length-after-login"),
 ])
 def test_mirror_speaking_garbage_costs_the_client_nothing(
     launch: Launcher, pg_primary: PgCluster, fresh_db: str, reply: bytes
@@ -140,6 +142,9 @@ def test_mirror_speaking_garbage_costs_the_client_nothing(
     unexpected = {r: v for r, v in c.dropped.items()
                   if v and r not in ("mirror_unavailable", "mirror_timeout", "mirror_error")}
     assert not unexpected
+    if b"Z" in reply and reply.startswith(b"R"):
+        # Logged in, then a bad frame: each unit finds the connection ended.
+        assert c.dropped["mirror_error"] > 0
     assert_balanced(c)
 
 
