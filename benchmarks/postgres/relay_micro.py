@@ -10,7 +10,9 @@
 #   python benchmarks/postgres/relay_micro.py
 from __future__ import annotations
 
+import asyncio
 import sys
+import time
 import timeit
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,7 +23,7 @@ from gateway.mirror import Mirror, MirrorSession, MirrorSet, Unit  # noqa: E402
 from gateway.pool import UpstreamPool  # noqa: E402
 from gateway_postgres import codec, framewalk  # noqa: E402
 from gateway_postgres.relay import PgSession, Phase  # noqa: E402
-from gateway_postgres.replayer import PgReplayer  # noqa: E402
+from gateway_postgres.replayer import MirrorConn, PgReplayer  # noqa: E402
 from gateway_postgres.statements import StatementRegistry  # noqa: E402
 
 N = 200_000
@@ -80,6 +82,53 @@ def _full_mirror() -> MirrorSet:
     return MirrorSet([session], [])
 
 
+class _AnsweringMirror:
+    """A mirror connection's transport that answers every unit at the next
+    loop turn, as a mirror Postgres would (without the socket)."""
+
+    def __init__(self, conn: MirrorConn) -> None:
+        self.conn = conn
+        self.loop = asyncio.get_running_loop()
+
+    def write(self, data: bytes) -> None:
+        self.loop.call_soon(self.conn.data_received, ANSWER)
+
+    def abort(self) -> None:
+        pass
+
+
+async def _delivering(n: int) -> float:
+    """Per transaction: relay, offer, and the mirror worker's delivery of the
+    unit (write, read the answer to ReadyForQuery, account)."""
+    loop = asyncio.get_running_loop()
+    config = SimpleNamespace(name="m", queue=500, queue_bytes=64 << 20, timeout=5.0,
+                             options=None)
+    upstream = SimpleNamespace(name="m", host="127.0.0.1", port=1, user=None,
+                               database=None, password=None, users={})
+    tasks: list[asyncio.Task[None]] = []
+    mirror = Mirror("bench", config, upstream,
+                    spawn=lambda fn: tasks.append(loop.create_task(fn())))
+    replayer = PgReplayer(mirror, UpstreamPool("m", 10), {"user": "u"}, StatementRegistry(),
+                          1 << 20)
+    conn = MirrorConn(1 << 20)
+    conn.connection_made(_AnsweringMirror(conn))  # type: ignore[arg-type]
+    conn.logged_in()
+    replayer.conn = conn
+    session = _session(MirrorSet([mirror.open_session(replayer)], []))
+    stats = mirror.stats
+    start = time.perf_counter()
+    for i in range(1, n + 1):
+        session.data_received(REQUEST)
+        session.primary_data(ANSWER)
+        while stats.delivered_total < i:
+            await asyncio.sleep(0)
+    seconds = time.perf_counter() - start
+    session._stop_mirroring()
+    await asyncio.gather(*tasks)
+    assert stats.balanced() and stats.delivered_total == n, stats
+    return seconds / n * 1e6
+
+
 def per_transaction(session: PgSession) -> float:
     def one() -> None:
         session.data_received(REQUEST)
@@ -88,11 +137,21 @@ def per_transaction(session: PgSession) -> float:
     return timeit.timeit(one, number=N) / N * 1e6
 
 
+def _loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 def main() -> None:
     print(f"frame walker in use: {framewalk.IMPLEMENTATION}")
     print(f"no mirror:         {per_transaction(_session(None)):.2f} us per transaction")
     print(f"mirror down:       {per_transaction(_session(_down_mirror())):.2f} us per transaction")
     print(f"mirror queue full: {per_transaction(_session(_full_mirror())):.2f} us per transaction")
+    delivering = _loop().run_until_complete(_delivering(N // 4))
+    print(f"mirror delivering: {delivering:.2f} us per transaction")
     row = codec.frame(b"D", b"\x00\x02\x00\x00\x00\x04abcd\x00\x00\x00\x08efghijkl")
     answer = (codec.frame(b"T", b"\x00\x00") + row * 1000
               + codec.frame(b"C", b"SELECT 1000\x00") + codec.ready_for_query(b"I"))
