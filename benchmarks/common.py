@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from tests.support.gateway import GatewayError, GatewayProcess
@@ -112,7 +113,7 @@ def choose_paths(parser: argparse.ArgumentParser, args: argparse.Namespace,
         parser.error(f"unknown path(s): {', '.join(sorted(unknown))}")
 
 
-def failures_section(errors: dict[str, object]) -> list[str]:
+def failures_section(errors: Mapping[str, object]) -> list[str]:
     """The report's closing section: each failed path and its error."""
     if not errors:
         return []

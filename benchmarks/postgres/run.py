@@ -79,6 +79,9 @@ class Run:
     p99_ms: float
     rss_mib: float | None
     delivered: float | None = None  # mirror units delivered / offered, gateways only
+    # Mirror units not delivered in this run, by drop reason (and "outcome
+    # error" for units the mirror answered with an error).
+    missed: dict[str, float] = field(default_factory=dict)
     cpu_us: float | None = None  # the relay's CPU time per transaction (user + system)
 
 
@@ -228,14 +231,6 @@ def start_gateway(bench: Bench, name: str, mirror_port: int | None) -> Target:
     return path
 
 
-
-
-
-
-
-
-
-
 def setup_path(bench: Bench, name: str) -> Target:
     primary = bench.clusters[0]
     if name == "direct":
@@ -272,8 +267,6 @@ def settle(bench: Bench) -> None:
     time.sleep(0.5)
 
 
-
-
 def reset_peak_rss(pid: int) -> None:
     for p in family(pid):
         try:  # "5" resets VmHWM to the current RSS (proc(5), clear_refs)
@@ -294,18 +287,25 @@ def peak_rss_mib(pid: int) -> float | None:
     return total / 1024 if total else None
 
 
-
-
-def mirror_counts(gw: GatewayProcess) -> tuple[float, float] | None:
+def mirror_counts(gw: GatewayProcess) -> tuple[float, float, dict[str, float]] | None:
+    """Offered and delivered mirror units, and drops by reason, from /metrics."""
     try:
         m = gw.metrics()
     except Exception:  # noqa: BLE001 - a missing /metrics only loses a column
         return None
     offered = sum(v for (n, _), v in m.items() if n == "mirrorgate_mirror_offered_total")
     delivered = sum(v for (n, _), v in m.items() if n == "mirrorgate_mirror_delivered_total")
-    return offered, delivered
-
-
+    missed: dict[str, float] = {}
+    for (n, labels), v in m.items():
+        label = dict(labels)
+        if n == "mirrorgate_mirror_dropped_total":
+            key = label.get("reason", "?")
+        elif n == "mirrorgate_mirror_delivered_total" and label.get("outcome") == "error":
+            key = "outcome error"
+        else:
+            continue
+        missed[key] = missed.get(key, 0.0) + v
+    return offered, delivered, missed
 
 
 def pgbench(bench: Bench, path: Target, workload: str, tag: str) -> Run:
@@ -345,6 +345,8 @@ def pgbench(bench: Bench, path: Target, workload: str, tag: str) -> Run:
         after = mirror_counts(path.gateway)
         if after and after[0] > before[0]:
             run.delivered = (after[1] - before[1]) / (after[0] - before[0])
+            run.missed = {k: v - before[2].get(k, 0.0) for k, v in after[2].items()
+                          if v - before[2].get(k, 0.0) > 0}
     return run
 
 
@@ -357,8 +359,6 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 def _num(x: float | None, fmt: str) -> str:
     return format(x, fmt) if x is not None else "n/a"
-
-
 
 
 def summary(bench: Bench,
@@ -425,6 +425,18 @@ def report(bench: Bench) -> str:
                 f"\nHung mirror, {workload}: TPS {_ratio(hung[0], nomirror[0])}x "
                 "of mirrorgate-nomirror."
             )
+    missed = []
+    for (name, workload), runs in bench.results.items():
+        totals: dict[str, float] = {}
+        for r in runs:
+            for k, v in r.missed.items():
+                totals[k] = totals.get(k, 0.0) + v
+        if totals:
+            what = ", ".join(f"{k} {v:.0f}" for k, v in sorted(totals.items()))
+            missed.append(f"- {name}, {workload}: {what}")
+    if missed:
+        lines += ["", "Mirror units dropped (by reason) or answered with an error, "
+                      "all rounds:", "", *missed]
     errors = {n: p.error for n, p in bench.paths.items() if p.error}
     errors.update({f"{n} {w}": e for (n, w), e in bench.failures.items()})
     lines += failures_section(errors)
