@@ -8,6 +8,66 @@
 
 static PyObject *FrameError;
 
+/* The big-endian Int32 after a frame's type byte. */
+static inline int32_t
+frame_length(const unsigned char *p)
+{
+    return (int32_t)(((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16)
+                     | ((uint32_t)p[2] << 8) | (uint32_t)p[3]);
+}
+
+static void
+frame_error(Py_ssize_t begin, unsigned char kind, int32_t length)
+{
+    PyObject *exc_args = Py_BuildValue("(nii)", begin, (int)kind, (int)length);
+    if (exc_args != NULL) {
+        PyErr_SetObject(FrameError, exc_args);
+        Py_DECREF(exc_args);
+    }
+}
+
+/* (a, b, c) from three integers; built directly, as Py_BuildValue parses its
+ * format string on every call and this runs once per reported frame. */
+static PyObject *
+triple(long a, Py_ssize_t b, Py_ssize_t c)
+{
+    PyObject *t = PyTuple_New(3), *x;
+    if (t == NULL)
+        return NULL;
+    if ((x = PyLong_FromLong(a)) == NULL)
+        goto fail;
+    PyTuple_SET_ITEM(t, 0, x);
+    if ((x = PyLong_FromSsize_t(b)) == NULL)
+        goto fail;
+    PyTuple_SET_ITEM(t, 1, x);
+    if ((x = PyLong_FromSsize_t(c)) == NULL)
+        goto fail;
+    PyTuple_SET_ITEM(t, 2, x);
+    return t;
+fail:
+    Py_DECREF(t);
+    return NULL;
+}
+
+static PyObject *
+pair(Py_ssize_t a, PyObject *b)  /* steals b */
+{
+    PyObject *t, *x;
+    if (b == NULL)
+        return NULL;
+    t = PyTuple_New(2);
+    x = PyLong_FromSsize_t(a);
+    if (t == NULL || x == NULL) {
+        Py_XDECREF(t);
+        Py_XDECREF(x);
+        Py_DECREF(b);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(t, 0, x);
+    PyTuple_SET_ITEM(t, 1, b);
+    return t;
+}
+
 static PyObject *
 walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -41,21 +101,16 @@ walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         Py_ssize_t n = data.len;
         while (pos >= 0 && n - pos >= 5) {
             unsigned char kind = p[pos];
-            int32_t length = (int32_t)(((uint32_t)p[pos + 1] << 24) | ((uint32_t)p[pos + 2] << 16)
-                                       | ((uint32_t)p[pos + 3] << 8) | (uint32_t)p[pos + 4]);
+            int32_t length = frame_length(p + pos + 1);
             Py_ssize_t begin = pos;
             if (length < 4) {
-                PyObject *exc_args = Py_BuildValue("(nii)", begin, (int)kind, (int)length);
-                if (exc_args != NULL) {
-                    PyErr_SetObject(FrameError, exc_args);
-                    Py_DECREF(exc_args);
-                }
+                frame_error(begin, kind, length);
                 Py_CLEAR(hits);
                 goto done;
             }
             pos += 1 + (Py_ssize_t)length;
             if (act[kind]) {
-                PyObject *hit = Py_BuildValue("(inn)", (int)kind, begin, pos);
+                PyObject *hit = triple(kind, begin, pos);
                 if (hit == NULL || PyList_Append(hits, hit) < 0) {
                     Py_XDECREF(hit);
                     Py_CLEAR(hits);
@@ -65,7 +120,7 @@ walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             }
         }
     }
-    result = Py_BuildValue("(nN)", pos, hits);
+    result = pair(pos, hits);
     hits = NULL;
 done:
     Py_XDECREF(hits);
@@ -74,9 +129,48 @@ done:
     return result;
 }
 
+static PyObject *
+count(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer data;
+    Py_ssize_t pos, n, found = 0;
+    long want;
+    const unsigned char *p;
+
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "count(data, pos, kind)");
+        return NULL;
+    }
+    pos = PyLong_AsSsize_t(args[1]);
+    if (pos == -1 && PyErr_Occurred())
+        return NULL;
+    want = PyLong_AsLong(args[2]);
+    if (want == -1 && PyErr_Occurred())
+        return NULL;
+    if (PyObject_GetBuffer(args[0], &data, PyBUF_SIMPLE) < 0)
+        return NULL;
+    p = (const unsigned char *)data.buf;
+    n = data.len;
+    while (pos >= 0 && n - pos >= 5) {
+        unsigned char kind = p[pos];
+        int32_t length = frame_length(p + pos + 1);
+        if (length < 4) {
+            frame_error(pos, kind, length);
+            PyBuffer_Release(&data);
+            return NULL;
+        }
+        pos += 1 + (Py_ssize_t)length;
+        found += (kind == want);
+    }
+    PyBuffer_Release(&data);
+    return pair(pos, PyLong_FromSsize_t(found));
+}
+
 static PyMethodDef methods[] = {
     {"walk", (PyCFunction)(void (*)(void))walk, METH_FASTCALL,
      "walk(data, pos, table) -> (next, hits); see gateway_postgres.framewalk."},
+    {"count", (PyCFunction)(void (*)(void))count, METH_FASTCALL,
+     "count(data, pos, kind) -> (next, found); see gateway_postgres.framewalk."},
     {NULL, NULL, 0, NULL},
 };
 

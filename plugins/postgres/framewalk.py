@@ -1,7 +1,8 @@
 # Stepping over Postgres wire frames: the relay's only per-frame loop.
 #
 # Owns: ``walk``, which reads frame headers from a position in a chunk and
-# reports the frames whose type the caller's table marks. The C version
+# reports the frames whose type the caller's table marks, and ``count``, which
+# only counts the frames of one type. The C version
 # (_framewalk.c) is used where it was built; this Python one is the fallback
 # and the oracle the tests compare it with. Must not know what a frame means.
 #
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import struct
 
-__all__ = ["FrameError", "IMPLEMENTATION", "walk", "walk_py"]
+__all__ = ["FrameError", "IMPLEMENTATION", "count", "count_py", "walk", "walk_py"]
 
 _len = struct.Struct("!i").unpack_from
 
@@ -53,11 +54,36 @@ def walk_py(data: bytes, pos: int, table: bytes) -> tuple[int, list[tuple[int, i
     return pos, hits
 
 
+def count_py(data: bytes, pos: int, kind: int) -> tuple[int, int]:
+    """Step over frames as ``walk`` does, counting those of type ``kind``.
+
+    For a side of a connection where only how many frames of one type came
+    matters (an unmirrored session's ReadyForQuery frames): no list, no tuple
+    per frame.
+
+    :returns: ``(next, found)``, ``next`` as for ``walk``; a frame counts as
+        soon as its header is in ``data``.
+    :raises FrameError: a length word below 4 (nothing is counted then).
+    """
+    n = len(data)
+    found = 0
+    while n - pos >= 5:
+        k = data[pos]
+        length = _len(data, pos + 1)[0]
+        if length < 4:
+            raise FrameError(pos, k, length)
+        pos += 1 + length
+        if k == kind:
+            found += 1
+    return pos, found
+
+
 try:
     from ._framewalk import FrameError as _CFrameError
-    from ._framewalk import walk
+    from ._framewalk import count, walk
 except ImportError:  # not built: the Python loop does the same
     walk = walk_py
+    count = count_py
     IMPLEMENTATION = "python"
 else:
     FrameError = _CFrameError  # type: ignore[misc, assignment]  # noqa: F811

@@ -57,3 +57,23 @@ def test_the_c_loop_is_in_use_where_it_was_built() -> None:
     if importlib.util.find_spec("gateway_postgres._framewalk") is None:
         pytest.skip("C helper not built here")
     assert framewalk.IMPLEMENTATION == "c"
+
+
+@given(data=st.one_of(frames, st.binary(max_size=200)), kind=st.integers(0, 255),
+       pos=st.integers(0, 220))
+def test_c_and_python_counts_agree(data: bytes, kind: int, pos: int) -> None:
+    def outcome(fn):  # type: ignore[no-untyped-def]
+        try:
+            return fn(data, pos, kind)
+        except framewalk.FrameError as exc:
+            return ("error", exc.args)
+
+    assert outcome(framewalk.count) == outcome(framewalk.count_py)
+
+
+@given(data=frames, kind=st.integers(0, 255), cut=st.integers(0, 400))
+def test_count_is_walk_with_one_type_marked(data: bytes, kind: int, cut: int) -> None:
+    table = bytes(1 if t == kind else 0 for t in range(256))
+    head = data[:cut]
+    nxt, hits = framewalk.walk_py(head, 0, table)
+    assert framewalk.count(head, 0, kind) == (nxt, len(hits))
