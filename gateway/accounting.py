@@ -52,9 +52,10 @@ class Histogram:
         self.counts = [0] * (len(bounds) + 1)  # last slot is +Inf
         self.sum = 0.0
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.sum += value
+    def observe(self, value: float, times: int = 1) -> None:
+        """Record ``value``, ``times`` times over (units that waited as long)."""
+        self.counts[bisect.bisect_left(self.bounds, value)] += times
+        self.sum += value * times
 
     @property
     def count(self) -> int:

@@ -24,7 +24,7 @@ from gateway import ClientSession, ListenerContext, MirrorSet, Unit
 
 from . import codec
 from .console import ConsoleSession, admin_database
-from .framewalk import FrameError, walk
+from .framewalk import FrameError, count, walk
 
 if TYPE_CHECKING:
     from .replayer import PgReplayer
@@ -661,30 +661,44 @@ class PgSession(asyncio.Protocol, ClientSession):
         Each one completes a unit; its latency runs from the first client chunk
         after the primary last answered (per unit for request/response clients,
         from the start of the burst for pipelining ones). Sessions that sampling
-        left out count their units as skipped here.
+        left out count their units as skipped here. Runs once per chunk of
+        every unmirrored session, so it is one function.
         """
-        _, hits, bad = self._walk_back(data)
-        if hits:
-            self._tally(len(hits))
+        if self._btail:
+            data = self._btail + data
+            self._btail = b""
+        n = len(data)
+        pos = self._bskip
+        if pos >= n:
+            self._bskip = pos - n
+            return
+        bad = None
+        try:
+            pos, ready = count(data, pos, _B_READY)
+        except FrameError as exc:
+            bad = exc.args  # the frames before it still count
+            pos, ready = count(data[:bad[0]], pos, _B_READY)
+        if pos < n:
+            self._btail = data[pos:]  # a split header
+            self._bskip = 0
+        else:
+            self._bskip = pos - n
+        if ready:
+            stats = self.stats
+            stats.primary_units += ready
+            since = self._waiting_since
+            if since:
+                stats.primary_latency.observe(_clock() - since, ready)
+            self._answered_since = True
+            if self._skipped:
+                if self._generation != self.ctx.generation:
+                    # A reload: stop counting skips for mirrors it removed.
+                    self._generation = self.ctx.generation
+                    self._skipped = self.ctx.serving(self._skipped)
+                for skipped in self._skipped:
+                    skipped.skipped += ready
         if bad is not None:
             self._desynchronised("primary", bad[1], bad[2])
-
-    def _tally(self, units: int) -> None:
-        stats = self.stats
-        stats.primary_units += units
-        since = self._waiting_since
-        if since:
-            latency = _clock() - since
-            for _ in range(units):
-                stats.primary_latency.observe(latency)
-        self._answered_since = True
-        if self._skipped:
-            if self._generation != self.ctx.generation:
-                # A reload: stop counting skips for mirrors it removed.
-                self._generation = self.ctx.generation
-                self._skipped = self.ctx.serving(self._skipped)
-            for skipped in self._skipped:
-                skipped.skipped += units
 
     def _answered(self, status: int) -> None:
         """A ReadyForQuery: the oldest pending unit is complete."""

@@ -585,6 +585,22 @@ def test_an_unmirrored_session_counts_units_and_offers_none(
 
 
 @relay_settings
+@given(ready=st.integers(0, 4), bad_length=st.integers(-(1 << 31), 3),
+       after=st.binary(max_size=50), cuts=cuts_st)
+def test_an_unmirrored_session_counts_the_units_before_a_bad_primary_frame(
+    ready: int, bad_length: int, after: bytes, cuts: list[int]
+) -> None:
+    answers = codec.ready_for_query(b"I") * ready + b"Z" + struct.pack("!i", bad_length) + after
+    for back in split_ways(answers, cuts):
+        rig = Rig(mirrored=False)
+        rig.send([codec.query("SELECT 1")])
+        rig.answer(back)
+        assert rig.stats.primary_units == ready
+        assert rig.session.phase is Phase.RAW  # relayed on, no longer read
+        assert rig.client.data == answers
+
+
+@relay_settings
 @given(data=st.binary(max_size=100), cuts=cuts_st)
 def test_split_ways_keep_every_byte(data: bytes, cuts: list[int]) -> None:
     for pieces in split_ways(data, cuts):
