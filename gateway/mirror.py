@@ -444,9 +444,14 @@ class MirrorSession:
         skipping = False
         try:
             while True:
-                item = await self._next()
-                if item is None:
-                    break
+                if self._q:  # no coroutine for the next unit when one is queued
+                    item = self._q.popleft()
+                    if type(item) is Unit:
+                        self._units -= 1
+                else:
+                    item = await self._next()
+                    if item is None:
+                        break
                 if isinstance(item, _Dropped):
                     if not skipping:
                         await self._abort_group()

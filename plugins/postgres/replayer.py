@@ -495,7 +495,9 @@ class PgReplayer(Replayer):
         return data, parses
 
     async def deliver(self, unit: Unit, session: MirrorSession) -> str:
-        conn = await self._connection()
+        conn = self.conn
+        if conn is None or conn.lost is not None:
+            conn = await self._connection()
         if self._diverged and conn.status == _IN_TX:
             # The primary's transaction is aborted, the mirror's is not: if this
             # unit ends the primary's (its COMMIT is a rollback there), the
@@ -532,7 +534,8 @@ class PgReplayer(Replayer):
             # the server skips to Sync, so the Parses past the count did not happen.
             conn.prepared.update(name for name in parses[:conn.parsed] if name)
         failed = conn.failed
-        await self._follow_primary(unit, conn, session)
+        if not unit.settled or unit.result != conn.status or self._diverged:
+            await self._follow_primary(unit, conn, session)
         return "error" if failed else "ok"
 
     async def _stream_copy(self, unit: Unit, session: MirrorSession, conn: MirrorConn) -> None:
