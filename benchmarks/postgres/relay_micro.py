@@ -89,9 +89,17 @@ class _AnsweringMirror:
     def __init__(self, conn: MirrorConn) -> None:
         self.conn = conn
         self.loop = asyncio.get_running_loop()
+        self.answered: asyncio.Future[None] | None = None  # resolved after each answer
 
     def write(self, data: bytes) -> None:
-        self.loop.call_soon(self.conn.data_received, ANSWER)
+        self.loop.call_soon(self._answer)
+
+    def _answer(self) -> None:
+        self.conn.data_received(ANSWER)
+        # Runs after the worker step the answer woke, which accounts the unit.
+        if self.answered is not None:
+            self.loop.call_soon(self.answered.set_result, None)
+            self.answered = None
 
     def abort(self) -> None:
         pass
@@ -111,17 +119,18 @@ async def _delivering(n: int) -> float:
     replayer = PgReplayer(mirror, UpstreamPool("m", 10), {"user": "u"}, StatementRegistry(),
                           1 << 20)
     conn = MirrorConn(1 << 20)
-    conn.connection_made(_AnsweringMirror(conn))  # type: ignore[arg-type]
+    mirror_side = _AnsweringMirror(conn)
+    conn.connection_made(mirror_side)  # type: ignore[arg-type]
     conn.logged_in()
     replayer.conn = conn
     session = _session(MirrorSet([mirror.open_session(replayer)], []))
     stats = mirror.stats
     start = time.perf_counter()
-    for i in range(1, n + 1):
+    for _ in range(n):
+        mirror_side.answered = answered = loop.create_future()
         session.data_received(REQUEST)
         session.primary_data(ANSWER)
-        while stats.delivered_total < i:
-            await asyncio.sleep(0)
+        await answered
     seconds = time.perf_counter() - start
     session._stop_mirroring()
     await asyncio.gather(*tasks)
