@@ -89,6 +89,7 @@ class MirrorConn(asyncio.Protocol):
         self._deadline = math.inf
         self._timeout = 0.0
         self._watch: asyncio.TimerHandle | None = None
+        self._watch_at = math.inf  # when _watch fires
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -185,9 +186,14 @@ class MirrorConn(asyncio.Protocol):
     def arm(self, timeout: float) -> None:
         """The mirror has ``timeout`` seconds from now to answer."""
         self._timeout = timeout
-        self._deadline = self._loop.time() + timeout
+        self._deadline = deadline = self._loop.time() + timeout
         if self._watch is None:
-            self._watch = self._loop.call_at(self._deadline, self._check)
+            self._watch_at = deadline
+            self._watch = self._loop.call_at(deadline, self._check)
+        elif deadline < self._watch_at:  # a shorter timeout since (a reload)
+            self._watch.cancel()
+            self._watch_at = deadline
+            self._watch = self._loop.call_at(deadline, self._check)
 
     def disarm(self) -> None:
         """Nothing is asked of the mirror (between units, or waiting for the client)."""
@@ -201,6 +207,7 @@ class MirrorConn(asyncio.Protocol):
             self.timed_out = True
             self._fail(f"no answer within {self._timeout:g}s")
         else:
+            self._watch_at = self._deadline
             self._watch = self._loop.call_at(self._deadline, self._check)
 
     def _error(self) -> Exception:

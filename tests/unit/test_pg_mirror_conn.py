@@ -296,3 +296,20 @@ def test_unknown_unnamed_and_malformed_binds_are_left_to_the_mirror() -> None:
     bad_length = b"B\x00\x00\x00\x02"
     unit = _bind(b"nobody") + _bind(b"") + unterminated + SYNC + bad_length
     assert _prepare(unit) == (unit, [], set())
+
+
+def test_a_shorter_timeout_is_kept_even_while_a_longer_one_is_armed() -> None:
+    # A reload may lower a mirror's timeout while its connection's watchdog
+    # is set for the old, longer one.
+    async def go() -> str:
+        conn, _ = _conn()
+        conn.expect()
+        conn.arm(30.0)
+        conn.data_received(codec.ready_for_query(b"I"))
+        await conn.answer()
+        conn.disarm()
+        with pytest.raises(MirrorTimeout) as exc:
+            await asyncio.wait_for(conn.ask(b"Q\x00\x00\x00\x05\x00", 0.05), 5.0)
+        return str(exc.value)
+
+    assert _run(go) == "no answer within 0.05s"
