@@ -444,6 +444,7 @@ class MirrorSession:
         skipping = False
         try:
             while True:
+                item: Unit | _Dropped | None
                 if self._q:  # no coroutine for the next unit when one is queued
                     item = self._q.popleft()
                     if type(item) is Unit:
