@@ -1,8 +1,9 @@
 # Stepping over Postgres wire frames: the relay's only per-frame loop.
 #
 # Owns: ``walk``, which reads frame headers from a position in a chunk and
-# reports the frames whose type the caller's table marks, and ``count``, which
-# only counts the frames of one type. The C version
+# reports the frames whose type the caller's table marks; ``count``, which
+# only counts the frames of one type; and ``Cursor``, where a walk stands
+# between the chunks of one direction of a connection. The C version
 # (_framewalk.c) is used where it was built; this Python one is the fallback
 # and the oracle the tests compare it with. Must not know what a frame means.
 #
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import struct
 
-__all__ = ["FrameError", "IMPLEMENTATION", "count", "count_py", "walk", "walk_py"]
+__all__ = ["Cursor", "FrameError", "IMPLEMENTATION", "count", "count_py", "walk", "walk_py"]
 
 _len = struct.Struct("!i").unpack_from
 
@@ -88,3 +89,53 @@ except ImportError:  # not built: the Python loop does the same
 else:
     FrameError = _CFrameError  # type: ignore[misc, assignment]  # noqa: F811
     IMPLEMENTATION = "c"
+
+
+class Cursor:
+    """Where a walk over one direction of a connection stands between chunks.
+
+    ``skip``: bytes of the current frame still to come; ``tail``: the start of
+    a frame kept whole for the next chunk (a header split across chunks, or a
+    frame its reader needs a byte of: ``hold``).
+    """
+
+    __slots__ = ("skip", "tail")
+
+    def __init__(self) -> None:
+        self.skip = 0
+        self.tail = b""
+
+    def walk(self, data: bytes, table: bytes
+             ) -> tuple[bytes, list[tuple[int, int, int]], tuple[int, int, int] | None]:
+        """Walk the next chunk from where the last one left off.
+
+        :returns: the chunk (with any kept bytes before it), the frames the
+            table marks as ``walk`` reports them, and ``(begin, type,
+            length)`` of a malformed frame or None (the frames before it are
+            reported all the same).
+        """
+        if self.tail:
+            data = self.tail + data
+            self.tail = b""
+        n = len(data)
+        pos = self.skip
+        if pos >= n:
+            self.skip = pos - n
+            return data, [], None
+        bad = None
+        try:
+            pos, hits = walk(data, pos, table)
+        except FrameError as exc:
+            bad = exc.args
+            pos, hits = walk(data[:bad[0]], pos, table)
+        if pos < n:
+            self.tail = data[pos:]  # a split header
+            self.skip = 0
+        else:
+            self.skip = pos - n
+        return data, hits, bad
+
+    def hold(self, data: bytes, begin: int) -> None:
+        """Keep ``data`` from ``begin`` (a frame the reader needs whole) for the next chunk."""
+        self.tail = data[begin:]
+        self.skip = 0

@@ -24,7 +24,7 @@ from gateway import ClientSession, ListenerContext, MirrorSet, Unit
 
 from . import codec
 from .console import ConsoleSession, admin_database
-from .framewalk import FrameError, count, walk
+from .framewalk import Cursor, FrameError, count, walk
 
 if TYPE_CHECKING:
     from .replayer import PgReplayer
@@ -167,8 +167,7 @@ class PgSession(asyncio.Protocol, ClientSession):
         self._copy = CopyMode.NONE
         self._copy_end = -1           # CopyDone or CopyFail seen
         # Backend scanning state.
-        self._bskip = 0
-        self._btail = b""
+        self._back = Cursor()
         # Units sent and not yet answered: (time sent, unit if mirrored).
         self._pending: collections.deque[tuple[float, Unit | None]] = collections.deque()
         # While every mirror refuses units (until this time, then asked
@@ -610,46 +609,16 @@ class PgSession(asyncio.Protocol, ClientSession):
         self._copy_end = -1
         return end
 
-    def _walk_back(self, data: bytes) -> tuple[bytes, list[tuple[int, int, int]], Any]:
-        """One walk over a chunk of primary bytes for its ReadyForQuery frames.
-
-        Keeps a split header for the next chunk and the bytes still to skip.
-
-        :returns: the chunk (with any kept header before it), the
-            ReadyForQuery frames as (type, begin, end), and (begin, type,
-            length) of a malformed frame or None.
-        """
-        if self._btail:
-            data = self._btail + data
-            self._btail = b""
-        n = len(data)
-        pos = self._bskip
-        if pos >= n:
-            self._bskip = pos - n
-            return data, [], None
-        bad = None
-        try:
-            pos, hits = walk(data, pos, _BACK_ACTIONS)
-        except FrameError as exc:
-            bad = exc.args  # the frames before it still count
-            pos, hits = walk(data[:bad[0]], pos, _BACK_ACTIONS)
-        if pos < n:
-            self._btail = data[pos:]  # a split header
-            self._bskip = 0
-        else:
-            self._bskip = pos - n
-        return data, hits, bad
-
     def _scan_back(self, data: bytes) -> None:
         """A mirrored session: settle its units with the primary's answers."""
-        data, hits, bad = self._walk_back(data)
+        back = self._back
+        data, hits, bad = back.walk(data, _BACK_ACTIONS)
         n = len(data)
         for _, begin, end in hits:
             if end > n:
                 # ReadyForQuery split before its status byte: read it whole
                 # with the next chunk.
-                self._btail = data[begin:]
-                self._bskip = 0
+                back.hold(data, begin)
                 break
             self._answered(data[begin + 5])
         if bad is not None:
@@ -664,13 +633,15 @@ class PgSession(asyncio.Protocol, ClientSession):
         left out count their units as skipped here. Runs once per chunk of
         every unmirrored session, so it is one function.
         """
-        if self._btail:
-            data = self._btail + data
-            self._btail = b""
+        # Cursor.walk's steps, with count() for walk(): this runs per chunk.
+        back = self._back
+        if back.tail:
+            data = back.tail + data
+            back.tail = b""
         n = len(data)
-        pos = self._bskip
+        pos = back.skip
         if pos >= n:
-            self._bskip = pos - n
+            back.skip = pos - n
             return
         bad = None
         try:
@@ -679,10 +650,10 @@ class PgSession(asyncio.Protocol, ClientSession):
             bad = exc.args  # the frames before it still count
             pos, ready = count(data[:bad[0]], pos, _B_READY)
         if pos < n:
-            self._btail = data[pos:]  # a split header
-            self._bskip = 0
+            back.tail = data[pos:]  # a split header
+            back.skip = 0
         else:
-            self._bskip = pos - n
+            back.skip = pos - n
         if ready:
             stats = self.stats
             stats.primary_units += ready

@@ -31,7 +31,7 @@ from gateway import (
 
 from . import codec
 from .auth import AuthFailed, MirrorAuth
-from .framewalk import FrameError, walk
+from .framewalk import Cursor, FrameError, walk
 from .statements import StatementRegistry, deallocated_statement, resets_statements
 
 log = logging.getLogger("mirrorgate.postgres.mirror")
@@ -81,8 +81,7 @@ class MirrorConn(asyncio.Protocol):
         self.parsed = 0
         self.failed = False
         self.copy_in = False
-        self._skip = 0        # bytes of the current frame still to come
-        self._tail = b""      # a split frame header (or a split ReadyForQuery)
+        self._cursor = Cursor()
         self._waiter: asyncio.Future[None] | None = None
         self._drained: asyncio.Future[None] | None = None
         self._loop = asyncio.get_running_loop()
@@ -109,34 +108,19 @@ class MirrorConn(asyncio.Protocol):
             self._walk(reader.take_buffered())
 
     def _walk(self, data: bytes) -> None:
-        if self._tail:
-            data = self._tail + data
-            self._tail = b""
-        n = len(data)
-        pos = self._skip
-        if pos >= n:
-            self._skip = pos - n
+        data, hits, bad = self._cursor.walk(data, _ANSWER_ACTIONS)
+        if bad is not None:
+            self._fail(f"mirror sent a malformed message: invalid length {bad[2]} "
+                       f"(type {chr(bad[1])!r})")
             return
-        try:
-            pos, hits = walk(data, pos, _ANSWER_ACTIONS)
-        except FrameError as exc:
-            _, kind, length = exc.args
-            self._fail(f"mirror sent a malformed message: invalid length {length} "
-                       f"(type {chr(kind)!r})")
-            return
-        if pos < n:
-            self._tail = data[pos:]
-            self._skip = 0
-        else:
-            self._skip = pos - n
         if not hits:
             return
+        n = len(data)
         for kind, begin, end in hits:
             if kind == _READY:
                 if end > n:
                     # Split before its status byte: read it whole next time.
-                    self._tail = data[begin:]
-                    self._skip = 0
+                    self._cursor.hold(data, begin)
                     break
                 self.status = data[begin + 5]
                 self.ready = True

@@ -105,7 +105,7 @@ def test_a_large_answer_is_stepped_over_without_being_kept() -> None:
         conn.expect()
         for i in range(0, len(big_row), 4096):
             conn.data_received(big_row[i:i + 4096])
-            assert len(conn._tail) < 5  # at most a split header is held
+            assert len(conn._cursor.tail) < 5  # at most a split header is held
         conn.data_received(COMPLETE + codec.ready_for_query(b"I"))
         await conn.answer()
         return conn.status
@@ -129,7 +129,7 @@ def test_noise_between_answers_is_dropped_and_not_taken_for_an_answer() -> None:
         conn, _ = _conn()
         conn.data_received(NOTIFY * 100 + NOTICE)
         conn.expect()
-        return conn.ready or conn.failed or conn._tail != b""
+        return conn.ready or conn.failed or conn._cursor.tail != b""
 
     assert _run(go) is False
 
