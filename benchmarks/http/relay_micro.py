@@ -2,7 +2,9 @@
 #
 # Owns: the figure docs/performance.md quotes for the Python part of a relayed
 # request: a real HttpSession and PrimaryConn, with transports that only
-# record, take a 4 KB POST like wrk's and nginx's 200 answer to it, no mirror.
+# record, take a 4 KB POST like wrk's and nginx's 200 answer to it, with no
+# mirror and with a mirror whose queue is full (a slow mirror, as the relay
+# sees it most of the time).
 # Needs no server; compare runs on the same machine only.
 #
 #   python benchmarks/http/relay_micro.py
@@ -13,11 +15,14 @@ import sys
 import timeit
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from gateway.accounting import ListenerStats  # noqa: E402
-from gateway_http.options import HttpListenerOptions  # noqa: E402
+from gateway.mirror import Mirror, Unit  # noqa: E402
+from gateway.pool import UpstreamPool  # noqa: E402
+from gateway_http.options import HttpListenerOptions, HttpMirrorOptions  # noqa: E402
 from gateway_http.parse import IMPLEMENTATION  # noqa: E402
 from gateway_http.relay import HttpSession, PrimaryConn, PrimaryPool  # noqa: E402
 from gateway_http.routing import RouteTarget  # noqa: E402
@@ -51,12 +56,23 @@ class _Sink:
         pass
 
 
-def main() -> None:
+def _full_mirror() -> Mirror:
+    """A mirror whose queue (one unit) is full and whose worker never runs:
+    what a slow mirror looks like to the relay most of the time."""
+    config = SimpleNamespace(name="m", queue=1, queue_bytes=64 << 20, timeout=5.0,
+                             options=HttpMirrorOptions())
+    upstream = SimpleNamespace(name="m", host="127.0.0.1", port=1)
+    return Mirror("bench", config, upstream, spawn=lambda fn: None)
+
+
+def per_request(mirrors: list[Mirror]) -> float:
     upstream = SimpleNamespace(name="primary", host="127.0.0.1", port=1, pool_size=10,
                                connect_timeout=1.0)
+    pool: UpstreamPool[Any] = UpstreamPool("m", 10)
     context = SimpleNamespace(stats=ListenerStats("bench"), accepting=True, generation=0,
-                              session_opened=lambda s: True, session_closed=lambda s: None)
-    route = RouteTarget(b"", frozenset(), None, upstream, [])  # type: ignore[arg-type]
+                              session_opened=lambda s: True, session_closed=lambda s: None,
+                              pool_for=lambda mirror: pool, pools={})
+    route = RouteTarget(b"", frozenset(), None, upstream, mirrors)  # type: ignore[arg-type]
     route.pool = PrimaryPool(upstream)  # type: ignore[arg-type]
     protocol = SimpleNamespace(context=context, options=HttpListenerOptions(), routes=[],
                                default=route, route=lambda *_: route)
@@ -71,9 +87,16 @@ def main() -> None:
         conn.data_received(ANSWER)
 
     one()
-    seconds = min(timeit.repeat(one, number=N, repeat=7)) / N
+    for mirror in mirrors:  # fill each queue: every later request is a queue_full drop
+        session.mirror_sessions[mirror].offer(Unit(b"queued"))
+    return min(timeit.repeat(one, number=N, repeat=7)) / N * 1e6
+
+
+def main() -> None:
     print(f"parser: {IMPLEMENTATION}")
-    print(f"relayed request, no mirror: {seconds * 1e6:.1f} us of Python per request")
+    print(f"relayed request, no mirror: {per_request([]):.1f} us of Python per request")
+    print(f"relayed request, mirror queue full: {per_request([_full_mirror()]):.1f} us "
+          "of Python per request")
 
 
 if __name__ == "__main__":
