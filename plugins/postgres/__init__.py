@@ -33,7 +33,8 @@ __all__ = ["PostgresMirrorOptions", "PostgresProtocol"]
 
 log = logging.getLogger("mirrorgate.postgres")
 
-# The largest message a mirror may send the gateway (the server's own cap is 1 GiB).
+# The largest message a mirror may send while the gateway logs in (the server's
+# own cap is 1 GiB); after that its answers are stepped over, never held.
 MIRROR_MAX_MESSAGE = codec.MAX_MESSAGE
 
 
