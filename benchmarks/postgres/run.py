@@ -83,6 +83,7 @@ class Run:
     # error" for units the mirror answered with an error).
     missed: dict[str, float] = field(default_factory=dict)
     cpu_us: float | None = None  # the relay's CPU time per transaction (user + system)
+    round: int = 0
 
 
 @dataclass
@@ -379,6 +380,18 @@ def summary(bench: Bench,
     return out
 
 
+# The comparisons the targets are stated in, as (path, against).
+PAIRED = (("mirrorgate-nomirror", "pgbouncer"), ("pump", "pgbouncer"),
+          ("mirrorgate-hung", "mirrorgate-nomirror"))
+
+
+def per_round(bench: Bench, a: str, b: str, workload: str) -> list[float]:
+    """TPS of ``a`` over ``b`` in each round where both ran."""
+    tps_a = {r.round: r.tps for r in bench.results.get((a, workload), [])}
+    tps_b = {r.round: r.tps for r in bench.results.get((b, workload), [])}
+    return [tps_a[k] / tps_b[k] for k in sorted(tps_a) if tps_b.get(k)]
+
+
 def report(bench: Bench) -> str:
     a, s = bench.args, summary(bench)
     lines = [
@@ -415,16 +428,17 @@ def report(bench: Bench) -> str:
                 f"| {_ratio(rss, base and base[2])} | {vs_nomirror} "
                 f"| {_num(dl and dl * 100, '.1f')}{'%' if dl is not None else ''} |"
             )
+    paired = []
     for workload in WORKLOADS:
-        hung, nomirror = (
-            s.get(("mirrorgate-hung", workload)),
-            s.get(("mirrorgate-nomirror", workload)),
-        )
-        if hung and nomirror:
-            lines.append(
-                f"\nHung mirror, {workload}: TPS {_ratio(hung[0], nomirror[0])}x "
-                "of mirrorgate-nomirror."
-            )
+        for path, against in PAIRED:
+            ratios = per_round(bench, path, against, workload)
+            if ratios:
+                each = ", ".join(f"{r:.2f}" for r in ratios)
+                paired.append(f"- {path} / {against}, {workload}: {each} "
+                              f"(median {statistics.median(ratios):.2f})")
+    if paired:
+        lines += ["", "TPS ratios paired by round (the two runs of a pair are seconds "
+                      "apart, so slower drifts of the machine cancel out):", "", *paired]
     missed = []
     for (name, workload), runs in bench.results.items():
         totals: dict[str, float] = {}
@@ -482,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     try:
                         run = pgbench(bench, path, workload, f"r{rnd}-{workload}-{name}")
+                        run.round = rnd
                     except (RuntimeError, subprocess.TimeoutExpired) as exc:
                         bench.failures[key] = str(exc)
                         print(f"round {rnd} {workload:11} {name:20} FAILED {exc}", flush=True)
