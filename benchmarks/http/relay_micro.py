@@ -3,15 +3,17 @@
 # Owns: the figure docs/performance.md quotes for the Python part of a relayed
 # request: a real HttpSession and PrimaryConn, with transports that only
 # record, take a 4 KB POST like wrk's and nginx's 200 answer to it, with no
-# mirror and with a mirror whose queue is full (a slow mirror, as the relay
-# sees it most of the time).
+# mirror, with a mirror whose queue is full (a slow mirror, as the relay sees
+# it most of the time), and with a mirror that gets and answers every request.
 # Needs no server; compare runs on the same machine only.
 #
 #   python benchmarks/http/relay_micro.py
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
+import time
 import timeit
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,6 +27,7 @@ from gateway.pool import UpstreamPool  # noqa: E402
 from gateway_http.options import HttpListenerOptions, HttpMirrorOptions  # noqa: E402
 from gateway_http.parse import IMPLEMENTATION  # noqa: E402
 from gateway_http.relay import HttpSession, PrimaryConn, PrimaryPool  # noqa: E402
+from gateway_http.replayer import MirrorConn  # noqa: E402
 from gateway_http.routing import RouteTarget  # noqa: E402
 
 N = int(os.environ.get("RELAY_MICRO_N", "50000"))
@@ -65,10 +68,35 @@ def _full_mirror() -> Mirror:
     return Mirror("bench", config, upstream, spawn=lambda fn: None)
 
 
-def per_request(mirrors: list[Mirror]) -> float:
+MIRROR_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+
+
+class _AnsweringMirror:
+    """A mirror connection's transport that answers each request at the next
+    loop turn, as a fast mirror would (without the socket)."""
+
+    def __init__(self, conn: MirrorConn) -> None:
+        self.conn = conn
+        self.loop = asyncio.get_running_loop()
+        self.answered: asyncio.Future[None] | None = None  # resolved after each answer
+
+    def write(self, data: bytes) -> None:
+        self.loop.call_soon(self._answer)
+
+    def _answer(self) -> None:
+        self.conn.data_received(MIRROR_ANSWER)
+        # Runs after the worker step the answer woke, which accounts the unit.
+        if self.answered is not None:
+            self.loop.call_soon(self.answered.set_result, None)
+            self.answered = None
+
+    def close(self) -> None:
+        pass
+
+
+def _rig(mirrors: list[Mirror], pool: UpstreamPool[Any]) -> tuple[HttpSession, PrimaryConn]:
     upstream = SimpleNamespace(name="primary", host="127.0.0.1", port=1, pool_size=10,
                                connect_timeout=1.0)
-    pool: UpstreamPool[Any] = UpstreamPool("m", 10)
     context = SimpleNamespace(stats=ListenerStats("bench"), accepting=True, generation=0,
                               session_opened=lambda s: True, session_closed=lambda s: None,
                               pool_for=lambda mirror: pool, pools={})
@@ -81,6 +109,52 @@ def per_request(mirrors: list[Mirror]) -> float:
     conn = PrimaryConn(route.pool)
     conn.connection_made(_Sink())  # type: ignore[arg-type]
     route.pool.idle.append(conn)
+    return session, conn
+
+
+async def _delivering(n: int) -> float:
+    """Per request: relay, offer, and the mirror worker's delivery (rewrite,
+    write, read the answer, account), on uvloop."""
+    loop = asyncio.get_running_loop()
+    tasks: list[asyncio.Task[None]] = []
+    config = SimpleNamespace(name="m", queue=500, queue_bytes=64 << 20, timeout=5.0,
+                             options=HttpMirrorOptions())
+    upstream = SimpleNamespace(name="m", host="127.0.0.1", port=1)
+    mirror = Mirror("bench", config, upstream,
+                    spawn=lambda fn: tasks.append(loop.create_task(fn())))
+    pool: UpstreamPool[Any] = UpstreamPool("m", 10)
+    conn = MirrorConn()
+    mirror_side = _AnsweringMirror(conn)
+    conn.connection_made(mirror_side)  # type: ignore[arg-type]
+    pool.reserve()
+    pool.put(None, conn)
+    session, primary = _rig([mirror], pool)
+    start = time.perf_counter()
+    for _ in range(n):
+        mirror_side.answered = answered = loop.create_future()
+        session.data_received(REQUEST)
+        primary.data_received(ANSWER)
+        await answered
+    seconds = time.perf_counter() - start
+    session._finish()
+    for s in mirror.sessions:
+        s.close()
+    await asyncio.gather(*tasks)
+    stats = mirror.stats
+    assert stats.balanced() and stats.delivered_total == n, stats
+    return seconds / n * 1e6
+
+
+def _loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def per_request(mirrors: list[Mirror]) -> float:
+    session, conn = _rig(mirrors, UpstreamPool("m", 10))
 
     def one() -> None:
         session.data_received(REQUEST)
@@ -97,6 +171,8 @@ def main() -> None:
     print(f"relayed request, no mirror: {per_request([]):.1f} us of Python per request")
     print(f"relayed request, mirror queue full: {per_request([_full_mirror()]):.1f} us "
           "of Python per request")
+    delivering = _loop().run_until_complete(_delivering(N // 5))
+    print(f"relayed request, mirror delivering: {delivering:.1f} us of Python per request")
 
 
 if __name__ == "__main__":
