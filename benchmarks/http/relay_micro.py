@@ -21,6 +21,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from benchmarks.inprocess import AnsweringTransport, new_loop  # noqa: E402
 from gateway.accounting import ListenerStats  # noqa: E402
 from gateway.mirror import Mirror, Unit  # noqa: E402
 from gateway.pool import UpstreamPool  # noqa: E402
@@ -71,29 +72,6 @@ def _full_mirror() -> Mirror:
 MIRROR_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
 
 
-class _AnsweringMirror:
-    """A mirror connection's transport that answers each request at the next
-    loop turn, as a fast mirror would (without the socket)."""
-
-    def __init__(self, conn: MirrorConn) -> None:
-        self.conn = conn
-        self.loop = asyncio.get_running_loop()
-        self.answered: asyncio.Future[None] | None = None  # resolved after each answer
-
-    def write(self, data: bytes) -> None:
-        self.loop.call_soon(self._answer)
-
-    def _answer(self) -> None:
-        self.conn.data_received(MIRROR_ANSWER)
-        # Runs after the worker step the answer woke, which accounts the unit.
-        if self.answered is not None:
-            self.loop.call_soon(self.answered.set_result, None)
-            self.answered = None
-
-    def close(self) -> None:
-        pass
-
-
 def _rig(mirrors: list[Mirror], pool: UpstreamPool[Any]) -> tuple[HttpSession, PrimaryConn]:
     upstream = SimpleNamespace(name="primary", host="127.0.0.1", port=1, pool_size=10,
                                connect_timeout=1.0)
@@ -124,7 +102,7 @@ async def _delivering(n: int) -> float:
                     spawn=lambda fn: tasks.append(loop.create_task(fn())))
     pool: UpstreamPool[Any] = UpstreamPool("m", 10)
     conn = MirrorConn()
-    mirror_side = _AnsweringMirror(conn)
+    mirror_side = AnsweringTransport(conn, MIRROR_ANSWER)
     conn.connection_made(mirror_side)  # type: ignore[arg-type]
     pool.reserve()
     pool.put(None, conn)
@@ -145,14 +123,6 @@ async def _delivering(n: int) -> float:
     return seconds / n * 1e6
 
 
-def _loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
-
-
 def per_request(mirrors: list[Mirror]) -> float:
     session, conn = _rig(mirrors, UpstreamPool("m", 10))
 
@@ -171,7 +141,7 @@ def main() -> None:
     print(f"relayed request, no mirror: {per_request([]):.1f} us of Python per request")
     print(f"relayed request, mirror queue full: {per_request([_full_mirror()]):.1f} us "
           "of Python per request")
-    delivering = _loop().run_until_complete(_delivering(N // 5))
+    delivering = new_loop().run_until_complete(_delivering(N // 5))
     print(f"relayed request, mirror delivering: {delivering:.1f} us of Python per request")
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from benchmarks.inprocess import AnsweringTransport, new_loop  # noqa: E402
 from gateway.mirror import Mirror, MirrorSession, MirrorSet, Unit  # noqa: E402
 from gateway.pool import UpstreamPool  # noqa: E402
 from gateway_postgres import codec, framewalk  # noqa: E402
@@ -84,29 +85,6 @@ def _full_mirror() -> MirrorSet:
     return MirrorSet([session], [])
 
 
-class _AnsweringMirror:
-    """A mirror connection's transport that answers every unit at the next
-    loop turn, as a mirror Postgres would (without the socket)."""
-
-    def __init__(self, conn: MirrorConn) -> None:
-        self.conn = conn
-        self.loop = asyncio.get_running_loop()
-        self.answered: asyncio.Future[None] | None = None  # resolved after each answer
-
-    def write(self, data: bytes) -> None:
-        self.loop.call_soon(self._answer)
-
-    def _answer(self) -> None:
-        self.conn.data_received(ANSWER)
-        # Runs after the worker step the answer woke, which accounts the unit.
-        if self.answered is not None:
-            self.loop.call_soon(self.answered.set_result, None)
-            self.answered = None
-
-    def abort(self) -> None:
-        pass
-
-
 async def _delivering(n: int) -> float:
     """Per transaction: relay, offer, and the mirror worker's delivery of the
     unit (write, read the answer to ReadyForQuery, account)."""
@@ -121,7 +99,7 @@ async def _delivering(n: int) -> float:
     replayer = PgReplayer(mirror, UpstreamPool("m", 10), {"user": "u"}, StatementRegistry(),
                           1 << 20)
     conn = MirrorConn(1 << 20)
-    mirror_side = _AnsweringMirror(conn)
+    mirror_side = AnsweringTransport(conn, ANSWER)
     conn.connection_made(mirror_side)  # type: ignore[arg-type]
     conn.logged_in()
     replayer.conn = conn
@@ -148,20 +126,12 @@ def per_transaction(session: PgSession) -> float:
     return timeit.timeit(one, number=N) / N * 1e6
 
 
-def _loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
-
-
 def main() -> None:
     print(f"frame walker in use: {framewalk.IMPLEMENTATION}")
     print(f"no mirror:         {per_transaction(_session(None)):.2f} us per transaction")
     print(f"mirror down:       {per_transaction(_session(_down_mirror())):.2f} us per transaction")
     print(f"mirror queue full: {per_transaction(_session(_full_mirror())):.2f} us per transaction")
-    delivering = _loop().run_until_complete(_delivering(N // 4))
+    delivering = new_loop().run_until_complete(_delivering(N // 4))
     print(f"mirror delivering: {delivering:.2f} us per transaction")
     row = codec.frame(b"D", b"\x00\x02\x00\x00\x00\x04abcd\x00\x00\x00\x08efghijkl")
     answer = (codec.frame(b"T", b"\x00\x00") + row * 1000
