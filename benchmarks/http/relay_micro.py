@@ -5,6 +5,10 @@
 # record, take a 4 KB POST like wrk's and nginx's 200 answer to it, with no
 # mirror, with a mirror whose queue is full (a slow mirror, as the relay sees
 # it most of the time), and with a mirror that gets and answers every request.
+# Also a baseline, as postgres/pump.py is for the Postgres relay: the same
+# request and answer through two persistent httptools parsers that only drop
+# hop-by-hop headers and rebuild the heads (no routing, accounting or checks
+# beyond llhttp's), to show how much of the relay's cost is its layering.
 # Needs no server; compare runs on the same machine only.
 #
 #   python benchmarks/http/relay_micro.py
@@ -123,6 +127,58 @@ async def _delivering(n: int) -> float:
     return seconds / n * 1e6
 
 
+_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+                  b"transfer-encoding", b"upgrade", b"content-length"})
+
+
+class _Baseline:
+    """One direction of the baseline: a persistent llhttp parser whose
+    callbacks rebuild each message and hand it to ``out`` whole."""
+
+    def __init__(self, parser: Any, out: _Sink) -> None:
+        self.parser = parser(self)
+        self.out = out
+        self.start = b""
+        self.head: list[bytes] = []
+        self.body: list[bytes] = []
+
+    def on_message_begin(self) -> None:
+        self.head = []
+        self.body = []
+
+    def on_url(self, url: bytes) -> None:
+        self.start = self.parser.get_method() + b" " + url + b" HTTP/1.1\r\n"
+
+    def on_status(self, reason: bytes) -> None:
+        self.start = b"HTTP/1.1 %d %s\r\n" % (self.parser.get_status_code(), reason)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() not in _HOP:
+            self.head += (name, b": ", value, b"\r\n")
+
+    def on_body(self, data: bytes) -> None:
+        self.body.append(data)
+
+    def on_message_complete(self) -> None:
+        length = sum(len(b) for b in self.body)
+        self.out.writelines([self.start, *self.head, b"Content-Length: %d\r\n\r\n" % length,
+                             *self.body])
+
+
+def baseline() -> float:
+    import httptools
+
+    request = _Baseline(httptools.HttpRequestParser, _Sink())
+    response = _Baseline(httptools.HttpResponseParser, _Sink())
+
+    def one() -> None:
+        request.parser.feed_data(REQUEST)
+        response.parser.feed_data(ANSWER)
+
+    one()
+    return min(timeit.repeat(one, number=N, repeat=7)) / N * 1e6
+
+
 def per_request(mirrors: list[Mirror]) -> float:
     session, conn = _rig(mirrors, UpstreamPool("m", 10))
 
@@ -143,6 +199,7 @@ def main() -> None:
           "of Python per request")
     delivering = new_loop().run_until_complete(_delivering(N // 5))
     print(f"relayed request, mirror delivering: {delivering:.1f} us of Python per request")
+    print(f"baseline, two persistent llhttp parsers: {baseline():.1f} us of Python per request")
 
 
 if __name__ == "__main__":
