@@ -15,8 +15,8 @@ from pathlib import Path
 from tests.support.gateway import GatewayError, GatewayProcess
 
 __all__ = [
-    "brief", "cpu_seconds", "family", "last_lines", "stop_gateway", "tail", "terminate",
-    "wait_drained",
+    "brief", "cpu_seconds", "cpu_split", "family", "last_lines", "stop_gateway", "tail",
+    "terminate", "wait_drained",
 ]
 
 
@@ -37,18 +37,27 @@ def family(pid: int) -> list[int]:
     return out
 
 
-def cpu_seconds(pid: int | None) -> float | None:
-    """User + system CPU time of ``pid`` and its descendants so far (None: no pid)."""
+def cpu_split(pid: int | None) -> tuple[float, float] | None:
+    """User and system CPU time of ``pid`` and its descendants so far, in
+    seconds (None: no pid)."""
     if pid is None:
         return None
-    ticks = 0
+    user = system = 0
     for p in family(pid):
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime
-    return ticks / os.sysconf("SC_CLK_TCK")
+        user += int(fields[11])  # utime
+        system += int(fields[12])  # stime
+    tick = os.sysconf("SC_CLK_TCK")
+    return user / tick, system / tick
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU time of ``pid`` and its descendants so far (None: no pid)."""
+    split = cpu_split(pid)
+    return None if split is None else split[0] + split[1]
 
 
 def stop_gateway(gw: GatewayProcess) -> None:

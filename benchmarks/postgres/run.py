@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from benchmarks.common import (  # noqa: E402
     brief,
     choose_paths,
-    cpu_seconds,
+    cpu_split,
     failures_section,
     family,
     last_lines,
@@ -83,6 +83,7 @@ class Run:
     # error" for units the mirror answered with an error).
     missed: dict[str, float] = field(default_factory=dict)
     cpu_us: float | None = None  # the relay's CPU time per transaction (user + system)
+    user_us: float | None = None  # the user part of it
     round: int = 0
 
 
@@ -321,13 +322,16 @@ def pgbench(bench: Bench, path: Target, workload: str, tag: str) -> Run:
     before = mirror_counts(path.gateway) if path.gateway else None
     if path.pid:
         reset_peak_rss(path.pid)
-    cpu_before = cpu_seconds(path.pid) if path.pid else None
+    cpu_before = cpu_split(path.pid) if path.pid else None
     result = subprocess.run(
         cmd, capture_output=True, text=True, env=pg_env(primary.password), timeout=a.duration + 120
     )
     rss = peak_rss_mib(path.pid) if path.pid else None
-    cpu_after = cpu_seconds(path.pid) if path.pid else None
-    cpu = cpu_after - cpu_before if cpu_after is not None and cpu_before is not None else None
+    cpu_after = cpu_split(path.pid) if path.pid else None
+    user = cpu = None
+    if cpu_after is not None and cpu_before is not None:
+        user = cpu_after[0] - cpu_before[0]
+        cpu = user + cpu_after[1] - cpu_before[1]
     m = re.search(r"^tps = ([\d.]+) \(without initial connection time\)", result.stdout, re.M)
     if result.returncode != 0 or m is None:
         raise RuntimeError(f"pgbench exit {result.returncode}: " + last_lines(result.stderr, 8))
@@ -340,7 +344,8 @@ def pgbench(bench: Bench, path: Target, workload: str, tag: str) -> Run:
     m_tx = re.search(r"^number of transactions actually processed: (\d+)", result.stdout, re.M)
     transactions = int(m_tx.group(1)) if m_tx else 0
     run = Run(float(m.group(1)), p99, rss,
-              cpu_us=cpu / transactions * 1e6 if cpu is not None and transactions else None)
+              cpu_us=cpu / transactions * 1e6 if cpu is not None and transactions else None,
+              user_us=user / transactions * 1e6 if user is not None and transactions else None)
     if path.gateway is not None and before is not None:
         wait_drained(path.gateway, 60 if path.name == "mirrorgate-mirror" else 10)
         after = mirror_counts(path.gateway)
@@ -364,18 +369,20 @@ def _num(x: float | None, fmt: str) -> str:
 
 def summary(bench: Bench,
             ) -> dict[tuple[str, str], tuple[float, float, float | None, float | None,
-                                             float | None]]:
+                                             float | None, float | None]]:
     out = {}
     for key, runs in bench.results.items():
         rss = [r.rss_mib for r in runs if r.rss_mib is not None]
         dl = [r.delivered for r in runs if r.delivered is not None]
         cpu = [r.cpu_us for r in runs if r.cpu_us is not None]
+        user = [r.user_us for r in runs if r.user_us is not None]
         out[key] = (
             statistics.median(r.tps for r in runs),
             statistics.median(r.p99_ms for r in runs),
             max(rss) if rss else None,
             min(dl) if dl else None,
             statistics.median(cpu) if cpu else None,
+            statistics.median(user) if user else None,
         )
     return out
 
@@ -401,12 +408,14 @@ def report(bench: Bench) -> str:
         f"{os.cpu_count()} CPUs, Python {platform.python_version()}.",
         f"pgbench -M prepared -c {a.clients} -j {a.jobs} -T {a.duration}, "
         f"{a.rounds} round(s), paths alternated within each round; "
-        "TPS, p99 and relay CPU per transaction (user + system, from /proc) are medians "
+        "TPS, p99 and relay CPU per transaction (user + system, and the user part, "
+        "from /proc) are medians "
         "over rounds, RSS the largest peak (VmHWM) of the relay.",
         "",
-        "| path | workload | TPS | p99 ms | relay CPU µs/tx | peak RSS MiB | TPS / pgbouncer "
-        "| p99 / pgbouncer | RSS / pgbouncer | TPS / nomirror | mirror delivered |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| path | workload | TPS | p99 ms | relay CPU µs/tx | of it user | peak RSS MiB "
+        "| TPS / pgbouncer | p99 / pgbouncer | RSS / pgbouncer | TPS / nomirror "
+        "| mirror delivered |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for workload in WORKLOADS:
         base = s.get(("pgbouncer", workload))
@@ -415,14 +424,15 @@ def report(bench: Bench) -> str:
             key = (name, workload)
             if key not in s:
                 why = bench.failures.get(key) or bench.paths[name].error or "no result"
-                lines.append(f"| {name} | {workload} | FAILED: {brief(why)} ||||||||")
+                lines.append(f"| {name} | {workload} | FAILED: {brief(why)} |||||||||")
                 continue
-            tps, p99, rss, dl, cpu = s[key]
+            tps, p99, rss, dl, cpu, user = s[key]
             vs_nomirror = (
                 _ratio(tps, nomirror[0]) if name.startswith("mirrorgate-") and nomirror else ""
             )
             lines.append(
                 f"| {name} | {workload} | {tps:.0f} | {p99:.2f} | {_num(cpu, '.1f')} "
+                f"| {_num(user, '.1f')} "
                 f"| {_num(rss, '.1f')} "
                 f"| {_ratio(tps, base and base[0])} | {_ratio(p99, base and base[1])} "
                 f"| {_ratio(rss, base and base[2])} | {vs_nomirror} "
@@ -504,7 +514,8 @@ def main(argv: list[str] | None = None) -> int:
                     bench.results.setdefault(key, []).append(run)
                     print(
                         f"round {rnd} {workload:11} {name:20} tps {run.tps:8.0f}  "
-                        f"p99 {run.p99_ms:6.2f} ms  cpu {_num(run.cpu_us, '.1f')} us/tx  "
+                        f"p99 {run.p99_ms:6.2f} ms  cpu {_num(run.cpu_us, '.1f')} us/tx "
+                        f"(user {_num(run.user_us, '.1f')})  "
                         f"rss {_num(run.rss_mib, '.1f')} MiB",
                         flush=True,
                     )
