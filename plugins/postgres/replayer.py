@@ -527,6 +527,8 @@ class PgReplayer(Replayer):
             # the server skips to Sync, so the Parses past the count did not happen.
             conn.prepared.update(name for name in parses[:conn.parsed] if name)
         failed = conn.failed
+        # _follow_primary has nothing to do for a unit the primary settled in
+        # the mirror's state, out of a divergence: no coroutine for it then.
         if not unit.settled or unit.result != conn.status or self._diverged:
             await self._follow_primary(unit, conn, session)
         return "error" if failed else "ok"
