@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +26,12 @@ from gateway import (
     UpstreamPool,
 )
 
-from .parse import END, ParseError, ResponseHead, ResponseParser
+from .parse import END, BaseResponseParser, ParseError, ResponseHead, ResponseParser
+
+try:
+    import httptools
+except ImportError:  # every answer is read by the strict parser
+    httptools = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from .options import HttpMirrorOptions
@@ -107,17 +113,36 @@ class Rewrite:
 
 
 class MirrorConn(asyncio.Protocol):
-    """A keep-alive connection to a mirror, one exchange at a time."""
+    """A keep-alive connection to a mirror, one exchange at a time.
+
+    A mirror's answer is read only for what the worker counts: the status of
+    the final response, whether the connection stays open, Retry-After, and
+    where the response ends. One llhttp parser per connection steps over the
+    answers as they arrive (bodies, chunked or not, are never kept), with a
+    callback per field for the three fields that matter. Answers to HEAD
+    (which llhttp cannot be told have no body) and, without httptools, every
+    answer are read by the strict parser of parse.py instead. Either way, a
+    malformed answer ends the connection with a MirrorError.
+
+    Each exchange's ``timeout`` is kept by one watchdog timer per connection,
+    moved only when a deadline comes earlier than the one it is set for.
+    """
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self.parser = ResponseParser()
         self.waiter: asyncio.Future[int] | None = None
         self.status = 0
         self.keep_alive = False
         self.retry_after: float | None = None
         self.closed = False
-        self.timer: asyncio.TimerHandle | None = None
+        self._llhttp = None if httptools is None else httptools.HttpResponseParser(self)
+        self._strict: BaseResponseParser | None = None  # reading an answer to HEAD
+        self._framed = False  # the head read so far has Content-Length or Transfer-Encoding
+        self._head = 0        # the status of the final head read, 0 before it
+        self._retry_value: bytes | None = None
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses: no isinstance.
@@ -127,34 +152,86 @@ class MirrorConn(asyncio.Protocol):
         if self.waiter is None:
             self.close()  # nothing was asked
             return
+        strict = self._strict
+        if strict is not None:
+            self._strict_feed(strict, data)
+            return
         try:
-            events = self.parser.feed(data)
+            self._llhttp.feed_data(data)  # type: ignore[union-attr]
+        except httptools.HttpParserUpgrade:
+            self._fail(MirrorError("bad response: unexpected 101 Switching Protocols"))
+        except httptools.HttpParserError as exc:
+            self._fail(MirrorError(f"bad response: {exc}"))
+
+    # -- llhttp callbacks (the protocol object of self._llhttp) --
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        size = len(name)
+        if size == 14 or size == 17:
+            lower = name.lower()
+            if lower == b"content-length" or lower == b"transfer-encoding":
+                self._framed = True
+        elif size == 11 and name.lower() == b"retry-after":
+            self._retry_value = value
+
+    def on_headers_complete(self) -> None:
+        status = self._llhttp.get_status_code()  # type: ignore[union-attr]
+        if status < 200:  # 100, 103: the final head comes next
+            self._framed = False
+            self._retry_value = None
+        else:
+            self._head = status
+
+    def on_message_complete(self) -> None:
+        if not self._head:
+            return  # an informational response
+        keep_alive = self._llhttp.should_keep_alive()  # type: ignore[union-attr]
+        if self.waiter is None:  # a second answer to one request
+            self._fail(MirrorError("bad response: response without a request"))
+            return
+        self._answered(self._head, keep_alive, _retry_after(self._retry_value))
+
+    # -- the strict reader --
+
+    def _strict_feed(self, parser: BaseResponseParser, data: bytes) -> None:
+        try:
+            events = parser.feed(data)
         except ParseError as exc:
             self._fail(MirrorError(f"bad response: {exc.reason}"))
             return
-        self._events(events)
+        self._strict_events(events)
 
-    def _events(self, events: list[Any]) -> None:
+    def _strict_events(self, events: list[Any]) -> None:
         for event in events:
-            if event is END:
-                if self.timer is not None:
-                    self.timer.cancel()
-                    self.timer = None
-                waiter, self.waiter = self.waiter, None
-                if waiter is not None and not waiter.done():
-                    waiter.set_result(self.status)
-                return
             if type(event) is ResponseHead and not event.informational:
-                self.status = event.status
+                self._head = event.status
                 self.keep_alive = event.keep_alive
-                self.retry_after = _retry_after(event.headers)
+                self._retry_value = _field(event.headers, b"retry-after")
+            elif event is END:
+                self._answered(self._head, self.keep_alive, _retry_after(self._retry_value))
+                return
+
+    # -- ends --
+
+    def _answered(self, status: int, keep_alive: bool, retry_after: float | None) -> None:
+        self.status = status
+        self.keep_alive = keep_alive
+        self.retry_after = retry_after
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(status)
 
     def eof_received(self) -> bool:
         if self.waiter is not None:
-            try:
-                self._events(self.parser.eof())
-            except ParseError:
-                pass
+            strict = self._strict
+            if strict is not None:
+                try:
+                    self._strict_events(strict.eof())
+                except ParseError:
+                    pass
+            elif self._head and not self._framed:
+                # A body without a length runs until the connection closes.
+                self._answered(self._head, False, _retry_after(self._retry_value))
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -162,17 +239,22 @@ class MirrorConn(asyncio.Protocol):
         self._fail(MirrorError("the mirror closed the connection"))
 
     def _fail(self, exc: Exception) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         waiter, self.waiter = self.waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
         self.close()
 
-    def _expired(self) -> None:
-        self.timer = None
-        self._fail(MirrorTimeout("no answer in time"))
+    def _watch(self) -> None:
+        self._timer = None
+        self._timer_at = math.inf
+        if self.waiter is None or self.closed:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() >= self._deadline:
+            self._fail(MirrorTimeout("no answer in time"))
+        else:
+            self._timer_at = self._deadline
+            self._timer = loop.call_at(self._deadline, self._watch)
 
     async def exchange(self, data: bytes, method: bytes, timeout: float) -> int:
         """Send one request; the status of its final response, body read and dropped.
@@ -183,29 +265,48 @@ class MirrorConn(asyncio.Protocol):
         """
         assert self.transport is not None
         loop = asyncio.get_running_loop()
-        self.waiter = loop.create_future()
-        # A timer handle, not asyncio.timeout(): this runs once per mirrored
-        # request, and a handle costs a fraction of a timeout context.
-        self.timer = loop.call_later(timeout, self._expired)
-        self.status = 0
-        self.parser.expect(method)
+        self.waiter = waiter = loop.create_future()
+        self._deadline = deadline = loop.time() + timeout
+        if deadline < self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = deadline
+            self._timer = loop.call_at(deadline, self._watch)
+        self.status = self._head = 0
+        self._framed = False
+        self._retry_value = None
+        if method == b"HEAD" or self._llhttp is None:
+            self._strict = ResponseParser()
+            self._strict.expect(method)
+        elif self._strict is not None:
+            self._strict = None
         self.transport.write(data)
-        return await self.waiter
+        return await waiter
 
     def close(self) -> None:
         self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self._timer_at = math.inf
         if self.transport is not None:
             self.transport.close()
 
 
-def _retry_after(headers: list[tuple[bytes, bytes]]) -> float | None:
+def _field(headers: list[tuple[bytes, bytes]], lower: bytes) -> bytes | None:
     for name, value in headers:
-        if len(name) == 11 and name.lower() == b"retry-after":
-            try:
-                return max(0.0, float(int(value.strip())))
-            except ValueError:
-                return None  # an HTTP-date: the usual backoff applies
+        if len(name) == len(lower) and name.lower() == lower:
+            return value
     return None
+
+
+def _retry_after(value: bytes | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(int(value.strip())))
+    except ValueError:
+        return None  # an HTTP-date: the usual backoff applies
 
 
 class HttpReplayer(Replayer):
