@@ -444,11 +444,12 @@ class HttpSession(asyncio.Protocol, ClientSession):
                 if length > mirror.config.options.max_body:
                     mirror.stats.offer_dropped(DropReason.TOO_LARGE)
                     continue
-                session = self._mirror_session(mirror)
-                if not session.accepts(length + head_size):
-                    unit = Unit(b"")
-                    unit.size = length + head_size
-                    session.offer(unit)  # counted as the drop it is
+                session = self.mirror_sessions.get(mirror) or self._mirror_session(mirror)
+                size = length + head_size
+                if not session.accepts(size):
+                    # Counted as the drop an offer would be. No marker is
+                    # queued: each HTTP request is a group of its own.
+                    session.drop_unoffered(size)
                     continue
             ex.to_mirrors.append(mirror)
             limit = max(limit, mirror.config.options.max_body)
