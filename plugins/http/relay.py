@@ -29,18 +29,10 @@ if TYPE_CHECKING:
 
     from . import HttpProtocol
 
-__all__ = ["HttpSession", "PrimaryConn", "PrimaryPool"]
+__all__ = ["HttpSession", "PrimaryConn", "PrimaryPool", "gateway_response"]
 
 log = logging.getLogger("mirrorgate.http")
 
-# Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), plus the
-# framing headers the gateway writes itself for each hop.
-HOP_BY_HOP = frozenset({
-    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
-    b"transfer-encoding", b"upgrade", b"content-length", b"proxy-authenticate",
-})
-# Connection options that name no end-to-end header.
-_USUAL_TOKENS = HOP_BY_HOP | {b"close", b""}
 # Bytes read ahead of the request being relayed (pipelined requests, a body
 # waiting for its primary connection) before the client is paused.
 READ_AHEAD = 1024 * 1024
@@ -68,31 +60,6 @@ def gateway_response(status: int, reason: str, *, head_only: bool = False) -> by
             b"Content-Length: %d\r\nX-Mirrorgate-Error: %s\r\nConnection: close\r\n\r\n"
             % (status, STATUS_TEXT.get(status, b"Error"), len(text), mark))
     return head if head_only else head + text
-
-
-def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b","))
-    return tokens
-
-
-def forwardable(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """The end-to-end headers of a message: hop-by-hop ones and those the
-    Connection header names are left out (RFC 9110 §7.6.1)."""
-    named = None
-    out = []
-    for pair in headers:
-        lower = pair[0].lower()
-        if lower in HOP_BY_HOP:
-            if lower == b"connection":
-                named = _connection_tokens(headers)
-            continue
-        out.append(pair)
-    if named and not named <= _USUAL_TOKENS:  # "keep-alive", "close": nothing more to drop
-        out = [p for p in out if p[0].lower() not in named]
-    return out
 
 
 def _chunk(data: bytes) -> list[bytes]:
@@ -398,7 +365,7 @@ class HttpSession(asyncio.Protocol, ClientSession):
             self._reconfigured()
         self.stats.primary_units += 1
         self.requests += 1
-        headers = forwardable(head.headers)
+        headers = head.forward
         if self.protocol.routes:
             host = None
             for name, value in headers:
@@ -601,7 +568,7 @@ class HttpSession(asyncio.Protocol, ClientSession):
             # 100 Continue and 103 Early Hints reach an HTTP/1.1 client as sent.
             if request.version == b"1.1":
                 parts = [b"HTTP/1.1 %d %s\r\n" % (head.status, head.reason)]
-                for name, value in forwardable(head.headers):
+                for name, value in head.forward:
                     parts += (name, b": ", value, b"\r\n")
                 parts.append(b"\r\n")
                 return b"".join(parts)
@@ -609,7 +576,7 @@ class HttpSession(asyncio.Protocol, ClientSession):
         ex.answered = True
         ex.reuse = head.keep_alive
         parts = [b"HTTP/1.1 %d %s\r\n" % (head.status, head.reason)]
-        for name, value in forwardable(head.headers):
+        for name, value in head.forward:
             parts += (name, b": ", value, b"\r\n")
         no_body = (request.method == b"HEAD" or head.status in (204, 304)
                    or 100 <= head.status < 200)

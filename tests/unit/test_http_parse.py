@@ -101,6 +101,7 @@ def test_get_gives_its_head_and_end(impl: str) -> None:
         keep_alive=True,
         expect_continue=False,
         close_after=False,
+        forward=[(b"Host", b"mimir.example"), (b"User-Agent", b"t")],
     )
     assert end is END
 
@@ -468,6 +469,7 @@ def test_response_with_length_gives_head_body_end(impl: str) -> None:
         chunked=False,
         keep_alive=True,
         informational=False,
+        forward=[(b"Content-Type", b"text/plain")],
     )
     assert (body, end) == (Body(b"hello"), END)
 
