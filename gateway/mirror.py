@@ -422,37 +422,29 @@ class MirrorSession:
         for i in range(held[1], held[2]):
             _unref(unit, i)  # chunks this session will never read
 
-    async def _next(self) -> Unit | _Dropped | None:
-        while not self._q:
-            if self._closed:
-                return None
-            fut = asyncio.get_running_loop().create_future()
-            self._waiter = fut
-            try:
-                await fut
-            finally:
-                self._waiter = None
-        item = self._q.popleft()
-        if isinstance(item, Unit):
-            self._units -= 1
-        return item
-
     async def run(self) -> None:
         """Drain the queue in order until the session closes; never raises."""
         stats = self.stats
         replayer = self.replayer
+        loop = asyncio.get_running_loop()
+        q = self._q
         skipping = False
         try:
             while True:
-                item: Unit | _Dropped | None
-                if self._q:  # no coroutine for the next unit when one is queued
-                    item = self._q.popleft()
-                    if type(item) is Unit:
-                        self._units -= 1
-                else:
-                    item = await self._next()
-                    if item is None:
+                item: Unit | _Dropped
+                if not q:
+                    if self._closed:
                         break
+                    # Woken by offer, close, abort or a drop marker's group end.
+                    self._waiter = fut = loop.create_future()
+                    try:
+                        await fut
+                    finally:
+                        self._waiter = None
+                    continue
+                item = q.popleft()
+                if type(item) is Unit:
+                    self._units -= 1
                 if isinstance(item, _Dropped):
                     if not skipping:
                         await self._abort_group()

@@ -256,12 +256,14 @@ class MirrorConn(asyncio.Protocol):
             self._timer_at = self._deadline
             self._timer = loop.call_at(self._deadline, self._watch)
 
-    async def exchange(self, data: bytes, method: bytes, timeout: float) -> int:
-        """Send one request; the status of its final response, body read and dropped.
+    def exchange(self, data: bytes, method: bytes, timeout: float) -> asyncio.Future[int]:
+        """Send one request; a future of the status of its final response
+        (its body read and dropped). A future, not a coroutine: the worker
+        awaits it without one more frame per request.
 
-        :raises MirrorTimeout: no whole response within ``timeout`` seconds
-            (the connection is closed).
-        :raises MirrorError: the connection broke or the answer was garbage.
+        The future raises MirrorTimeout when no whole response came within
+        ``timeout`` seconds (the connection is closed), MirrorError when the
+        connection broke or the answer was garbage.
         """
         assert self.transport is not None
         loop = asyncio.get_running_loop()
@@ -281,7 +283,7 @@ class MirrorConn(asyncio.Protocol):
         elif self._strict is not None:
             self._strict = None
         self.transport.write(data)
-        return await waiter
+        return waiter
 
     def close(self) -> None:
         self.closed = True
@@ -336,40 +338,43 @@ class HttpReplayer(Replayer):
     async def deliver(self, unit: Unit, session: MirrorSession) -> str:
         req: MirrorRequest = unit.meta
         data = self.rewrite.request(req, unit.data)
-        retries = self.retries
         attempt = 0
         while True:
-            status, retry_after = await self._attempt(data, req.method)
-            if attempt < retries and (status >= 500 or status == 429):
+            # One coroutine for the whole delivery: an idle connection and
+            # the exchange's own future are awaited here, directly.
+            timeout = self.timeout
+            conn = self._idle()
+            if conn is None:
+                conn, timeout = await self._connect_within(timeout)
+            try:
+                status = await conn.exchange(data, req.method, timeout)
+            except MirrorTimeout:
+                self._drop(conn)
+                raise MirrorTimeout(f"no answer within {self.timeout:g}s") from None
+            except BaseException:  # broken, or cancelled (shutdown) half way
+                self._drop(conn)
+                raise
+            if conn.keep_alive and not conn.closed:
+                self.pool.put(_POOL_KEY, conn)
+            else:
+                self._drop(conn)
+            if attempt < self.retries and (status >= 500 or status == 429):
+                retry_after = conn.retry_after
                 delay = RETRY_BASE * (2 ** attempt) if retry_after is None else retry_after
                 attempt += 1
                 await asyncio.sleep(min(delay, RETRY_CAP))
                 continue
             return OUTCOMES.get(status // 100, "5xx")
 
-    async def _attempt(self, data: bytes, method: bytes) -> tuple[int, float | None]:
-        timeout = self.timeout
-        conn = self._idle()
-        if conn is None:
-            started = asyncio.get_running_loop().time()
-            try:
-                conn = await asyncio.wait_for(self._connect(), timeout)
-            except TimeoutError:
-                raise MirrorTimeout(f"not connected within {timeout:g}s") from None
-            timeout = max(0.001, timeout - (asyncio.get_running_loop().time() - started))
+    async def _connect_within(self, timeout: float) -> tuple[MirrorConn, float]:
+        """A new connection, and what is left of ``timeout`` for the exchange."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
-            status = await conn.exchange(data, method, timeout)
-        except MirrorTimeout:
-            self._drop(conn)
-            raise MirrorTimeout(f"no answer within {self.timeout:g}s") from None
-        except BaseException:  # broken, or cancelled (shutdown) half way
-            self._drop(conn)
-            raise
-        if conn.keep_alive and not conn.closed:
-            self.pool.put(_POOL_KEY, conn)
-        else:
-            self._drop(conn)
-        return status, conn.retry_after
+            conn = await asyncio.wait_for(self._connect(), timeout)
+        except TimeoutError:
+            raise MirrorTimeout(f"not connected within {timeout:g}s") from None
+        return conn, max(0.001, timeout - (loop.time() - started))
 
     def _idle(self) -> MirrorConn | None:
         pool = self.pool
