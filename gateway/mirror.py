@@ -277,15 +277,29 @@ class MirrorSession:
             self._wake()
         return False
 
-    def accepts(self, size: int) -> bool:
-        """Whether ``offer`` would queue a unit of ``size`` bytes now.
+    def refused(self, size: int) -> bool:
+        """Count the drop an ``offer`` of ``size`` bytes would be now, if it
+        would be one, with nothing queued.
 
         Lets a protocol that knows a unit's size before it has the unit (an
         HTTP request's Content-Length) skip gathering what would be dropped.
+        No drop marker is queued, so only for a unit that is a group of its
+        own.
+
+        :returns: whether it was refused (and counted).
         """
-        return not (self._closed or size > self._budget or self.replayer.unavailable()
-                    or self._units >= self._limit
-                    or self.stats.queued_bytes + size > self._budget)
+        if self._closed:
+            reason = DropReason.SHUTDOWN
+        elif size > self._budget:
+            reason = DropReason.TOO_LARGE
+        elif self.replayer.unavailable():
+            reason = DropReason.MIRROR_UNAVAILABLE
+        elif self._units >= self._limit or self.stats.queued_bytes + size > self._budget:
+            reason = DropReason.QUEUE_FULL
+        else:
+            return False
+        self.stats.offer_dropped(reason)
+        return True
 
     def refusal(self) -> tuple[float, DropReason]:
         """While an offer would be dropped whatever its size: until when

@@ -402,24 +402,22 @@ class HttpSession(asyncio.Protocol, ClientSession):
         length = head.content_length
         limit = 0
         for mirror in route.mirrors:
-            if not sampled(mirror, head.headers):
+            options = mirror.config.options
+            if options.percent < 100.0 and not sampled(mirror, head.headers):
                 mirror.stats.skipped += 1
                 continue
             if length is not None:
                 # The size is known now: a request the mirror would drop is
                 # counted here, and its body is not gathered for it.
-                if length > mirror.config.options.max_body:
+                if length > options.max_body:
                     mirror.stats.offer_dropped(DropReason.TOO_LARGE)
                     continue
                 session = self.mirror_sessions.get(mirror) or self._mirror_session(mirror)
-                size = length + head_size
-                if not session.accepts(size):
-                    # Counted as the drop an offer would be. No marker is
-                    # queued: each HTTP request is a group of its own.
-                    session.drop_unoffered(size)
+                if session.refused(length + head_size):
                     continue
             ex.to_mirrors.append(mirror)
-            limit = max(limit, mirror.config.options.max_body)
+            if options.max_body > limit:
+                limit = options.max_body
         if ex.to_mirrors:
             ex.mirror_limit = limit
             ex.mirror_request = MirrorRequest(head.method, head.target, headers,

@@ -145,12 +145,23 @@ def test_a_set_whose_every_queue_is_full_is_down_until_asked_again(
     assert mirror.stats.dropped[DropReason.QUEUE_FULL] == 2 and mirror.stats.balanced()
 
 
-def test_accepts_says_what_an_offer_would_do() -> None:
+def test_refused_counts_the_drop_an_offer_would_be() -> None:
     mirror, _ = _mirror(queue=1, queue_bytes=10)
+    stats = mirror.stats
     session = MirrorSession(mirror, ScriptedReplayer([]))
-    assert session.accepts(10) and not session.accepts(11)  # over the byte budget
+    assert not session.refused(10)  # would be queued: nothing counted
+    assert stats.offered == 0
+    assert session.refused(11)  # over the byte budget
+    assert stats.dropped[DropReason.TOO_LARGE] == 1
     session.offer(Unit(b"x" * 4))
-    assert not session.accepts(1)  # the queue holds its one unit
-    assert mirror.stats.offered == 1  # asking counts nothing
-    down = MirrorSession(_mirror()[0], DownReplayer(5.0))
-    assert not down.accepts(1)
+    assert session.refused(1)  # the queue holds its one unit
+    assert stats.dropped[DropReason.QUEUE_FULL] == 1
+    assert stats.offered == 3 and stats.balanced()
+    down_mirror = _mirror()[0]
+    down = MirrorSession(down_mirror, DownReplayer(5.0))
+    assert down.refused(1)
+    assert down_mirror.stats.dropped[DropReason.MIRROR_UNAVAILABLE] == 1
+    down.close()
+    assert down.refused(1)
+    assert down_mirror.stats.dropped[DropReason.SHUTDOWN] == 1 and down_mirror.stats.balanced()
+
