@@ -48,7 +48,7 @@ import enum
 import os
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import attrs
 import h11
@@ -304,16 +304,18 @@ HOP_BY_HOP = frozenset(
 _USUAL_OPTIONS = HOP_BY_HOP | {b"close", b""}
 
 
-class _Framing(NamedTuple):
-    """What a head's fields say about its body and its connection."""
-
-    hosts: int
-    content_length: int | None
-    chunked: bool
-    options: tuple[bytes, ...]  # the Connection options, lower-cased
-    upgrade: bool
-    expect_continue: bool
-    forward: list[tuple[bytes, bytes]]  # the end-to-end fields
+# What a head's fields say about its body and its connection, as _framing
+# returns it: a plain tuple (a NamedTuple's __new__ is one more Python call
+# per head) of
+#   hosts: int, the number of Host fields;
+#   content_length: int | None;
+#   chunked: bool;
+#   options: tuple[bytes, ...], the Connection options, lower-cased;
+#   upgrade: bool;
+#   expect_continue: bool;
+#   forward: list[tuple[bytes, bytes]], the end-to-end fields.
+_Framing = tuple[int, int | None, bool, tuple[bytes, ...], bool, bool,
+                 list[tuple[bytes, bytes]]]
 
 
 def _framing(fields: list[tuple[bytes, bytes]], version: bytes, bad: int) -> _Framing:
@@ -348,7 +350,11 @@ def _framing(fields: list[tuple[bytes, bytes]], version: bytes, bad: int) -> _Fr
             coding = value
         elif kind is _CONNECTION:
             # RFC 9110 §7.6.1: Connection = #connection-option, case-insensitive.
-            options += tuple(option.strip(b" \t") for option in value.lower().split(b","))
+            value = value.lower()
+            if b"," in value:
+                options += tuple([option.strip(b" \t") for option in value.split(b",")])
+            else:
+                options += (value.strip(b" \t"),)
         elif kind is _UPGRADE:
             upgrade = True
         else:
@@ -378,8 +384,7 @@ def _framing(fields: list[tuple[bytes, bytes]], version: bytes, bad: int) -> _Fr
     if options and not _USUAL_OPTIONS.issuperset(options):
         # Connection names end-to-end fields as this hop's: they go no further.
         forward = [f for f in forward if f[0].lower() not in options]
-    return _Framing(hosts, content_length, bool(codings), options, upgrade, expect_continue,
-                    forward)
+    return hosts, content_length, bool(codings), options, upgrade, expect_continue, forward
 
 
 def _keep_alive(options: tuple[bytes, ...], version: bytes) -> bool:
