@@ -394,12 +394,13 @@ class HttpSession(asyncio.Protocol, ClientSession):
         primary_head = b"".join(parts)
         self._to_primary(primary_head)
         if route.mirrors:
-            self._choose_mirrors(ex, head, headers, route, len(primary_head))
+            self._choose_mirrors(ex, head, headers, route, primary_head)
 
     def _choose_mirrors(self, ex: _Exchange, head: RequestHead,
                         headers: list[tuple[bytes, bytes]], route: RouteTarget,
-                        head_size: int) -> None:
+                        primary_head: bytes) -> None:
         length = head.content_length
+        head_size = len(primary_head)
         limit = 0
         for mirror in route.mirrors:
             options = mirror.config.options
@@ -420,8 +421,17 @@ class HttpSession(asyncio.Protocol, ClientSession):
                 limit = options.max_body
         if ex.to_mirrors:
             ex.mirror_limit = limit
+            # The primary's head serves a mirror that rewrites nothing, unless
+            # it frames a chunked body or asks the primary hop to Expect.
+            reusable = not head.chunked
+            if reusable:
+                for name, _ in headers:
+                    if len(name) == 6 and name.lower() == b"expect":
+                        reusable = False
+                        break
             ex.mirror_request = MirrorRequest(head.method, head.target, headers,
-                                              length is not None or head.chunked, head_size)
+                                              length is not None or head.chunked, head_size,
+                                              primary_head if reusable else None)
 
     def _reconfigured(self) -> None:
         """A reload came, and the last request is whole: close the queues to

@@ -52,15 +52,18 @@ class MirrorRequest:
     """A request as the primary got it (after hop-by-hop headers and
     X-Forwarded-For), for the mirrors to rewrite."""
 
-    __slots__ = ("method", "target", "headers", "has_body", "size")
+    __slots__ = ("method", "target", "headers", "has_body", "size", "head")
 
     def __init__(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
-                 has_body: bool, size: int) -> None:
+                 has_body: bool, size: int, head: bytes | None = None) -> None:
         self.method = method
         self.target = target
         self.headers = headers
         self.has_body = has_body
         self.size = size  # about what its head takes (the primary's copy of it)
+        # The primary's head, when a mirror that rewrites nothing may take it
+        # as it is: its body framed by Content-Length (or absent), no Expect.
+        self.head = head
 
 
 def shadow_host(host: bytes) -> bytes:
@@ -75,7 +78,7 @@ def shadow_host(host: bytes) -> bytes:
 class Rewrite:
     """One mirror's header rules, compiled once."""
 
-    __slots__ = ("remove", "add", "host", "shadow")
+    __slots__ = ("remove", "add", "host", "shadow", "plain")
 
     def __init__(self, options: HttpMirrorOptions) -> None:
         self.add = [(k.encode(), v.encode()) for k, v in options.set_headers.items()]
@@ -85,9 +88,14 @@ class Rewrite:
                                 | {k.lower() for k, _ in self.add} | {b"expect"})
         self.host = None if options.host_rewrite is None else options.host_rewrite.encode()
         self.shadow = options.shadow_suffix
+        # No rule at all: the copy is the request as the primary got it.
+        self.plain = not (self.add or options.remove_headers or self.host is not None
+                          or self.shadow)
 
     def request(self, req: MirrorRequest, body: bytes) -> bytes:
         """The bytes this mirror gets for ``req``."""
+        if self.plain and req.head is not None:
+            return req.head + body
         remove = self.remove
         host = self.host
         parts = [req.method, b" ", req.target, b" HTTP/1.1\r\n", b""]

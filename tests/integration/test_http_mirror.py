@@ -173,6 +173,28 @@ def test_sample_by_mirrors_all_or_none_of_each_tenant(servers: Servers, relay: R
 # --------------------------------------------------------------------------- max_body
 
 
+def test_a_mirror_without_rules_gets_a_length_and_no_expect(
+    servers: Servers, relay: Relays
+) -> None:
+    # Such a mirror may be sent the primary's own head; not when that head
+    # asks the primary hop to Expect, nor when it frames a chunked body.
+    primary, plain = servers(), servers()
+    r = relay(primary, [MirrorTo(plain, "plain")])
+    with r.client() as client:
+        assert client.post("/length", content=b"one").status_code == 200
+        assert client.post("/expect", content=b"two",
+                           headers={"Expect": "100-continue"}).status_code == 200
+        assert client.post("/chunked", content=iter([b"th", b"ree"])).status_code == 200
+    got = plain.wait_for(3)
+    assert [(q.target, q.body) for q in got] == [
+        ("/length", b"one"), ("/expect", b"two"), ("/chunked", b"three")]
+    for q in got:
+        assert q.values("Content-Length") == [str(len(q.body))], q
+        assert q.values("Expect") == [] and q.values("Transfer-Encoding") == [], q
+        assert len(q.values("X-Forwarded-For")) == 1, q
+    assert primary.wait_for(3)[1].values("Expect") == ["100-continue"]
+
+
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 def test_body_over_mirror_max_body_goes_whole_to_the_primary_and_not_to_the_mirror(
     servers: Servers, relay: Relays, chunked: bool

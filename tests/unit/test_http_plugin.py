@@ -235,6 +235,18 @@ def test_the_mirror_copy_keeps_the_request_and_drops_expect() -> None:
                    b"Content-Length: 5\r\n\r\nbody!")
 
 
+def test_a_mirror_without_rules_takes_the_primarys_head_as_it_is() -> None:
+    head = b"POST /p HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 1.2.3.4\r\nContent-Length: 5\r\n\r\n"
+    req = MirrorRequest(b"POST", b"/p", [(b"Host", b"h"), (b"X-Forwarded-For", b"1.2.3.4")],
+                        True, len(head), head)
+    assert Rewrite(HttpMirrorOptions()).request(req, b"body!") == head + b"body!"
+    # Any rule, and the head is rebuilt with it.
+    for options in ({"set_headers": {"X-A": "1"}}, {"remove_headers": ("x-forwarded-for",)},
+                    {"host_rewrite": "m"}, {"shadow_suffix": True}):
+        raw = Rewrite(HttpMirrorOptions(**options)).request(req, b"body!")  # type: ignore[arg-type]
+        assert raw != head + b"body!" and raw.endswith(b"Content-Length: 5\r\n\r\nbody!")
+
+
 def test_the_mirror_copy_gets_its_rewrites() -> None:
     raw = _request(set_headers={"x-scope-orgid": "shadow"}, remove_headers=("authorization",),
                    host_rewrite="mimir-b.internal")
