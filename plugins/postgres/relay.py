@@ -25,6 +25,7 @@ from gateway import ClientSession, ListenerContext, MirrorSet, Unit
 from . import codec
 from .console import ConsoleSession, admin_database
 from .framewalk import Cursor, FrameError, count, walk
+from .statements import MAX_BYTES as _MAX_STATEMENT_FRAME
 
 if TYPE_CHECKING:
     from .replayer import PgReplayer
@@ -158,6 +159,10 @@ class PgSession(asyncio.Protocol, ClientSession):
         self._max_unit = 0            # the largest unit any mirror could take
         self._open = False            # a unit has started and not been cut
         self._statements_seen = False  # the unit being cut has a Parse or Close
+        # A Parse or Close whose bytes a unit over every byte budget no longer
+        # keeps, gathered frame-wide until whole so its statement is known.
+        self._stmt: bytearray | None = None
+        self._stmt_size = 0           # its whole size (0 while its header is split)
         # Unmirrored sessions: when the client began asking, and whether the
         # primary has answered since (the next client chunk starts anew).
         self._waiting_since = 0.0
@@ -415,6 +420,13 @@ class PgSession(asyncio.Protocol, ClientSession):
             data = self._ftail + data
             self._ftail = b""
         n = len(data)
+        if self._held >= self._max_unit:
+            # Over the budget: what was kept is noted now, in stream order,
+            # and the frame it ends inside goes on in this chunk.
+            if self._pieces:
+                self._spill(data)
+            elif self._stmt is not None:
+                self._gather(data)
         pos = self._fskip
         if pos > n:
             # The whole chunk is inside one frame that goes on.
@@ -450,6 +462,9 @@ class PgSession(asyncio.Protocol, ClientSession):
                         start = self._frame_end(kind, data, start, end, begin)
                     else:
                         fcur = kind  # it ends in a later chunk
+                        if what == _STATEMENT and end - begin <= _MAX_STATEMENT_FRAME:
+                            self._stmt = bytearray(data[begin:])
+                            self._stmt_size = end - begin
         if bad is not None:
             self._desynchronised("client", bad[1], bad[2])
             return
@@ -480,6 +495,48 @@ class PgSession(asyncio.Protocol, ClientSession):
             self._held += len(chunk)
         else:
             self._held += len(chunk)  # too large to mirror: count it, keep nothing
+
+    def _spill(self, data: bytes) -> None:
+        """Note the whole frames kept of a unit that went over the budget, and
+        gather the frame they end inside if it is a Parse or a Close; its
+        next bytes start ``data``."""
+        kept = b"".join(self._pieces)
+        self._pieces.clear()
+        pos, n = 0, len(kept)
+        while n - pos >= 5:
+            end = pos + 1 + int.from_bytes(kept[pos + 1:pos + 5], "big")
+            if end > n:
+                break
+            pos = end
+        if pos:
+            self.statements.note(kept[:pos])
+        if pos < n and (kept[pos] == 0x50 or kept[pos] == 0x43):  # Parse, Close
+            self._stmt = bytearray(kept[pos:])
+            self._stmt_size = 0
+            self._gather(data)
+
+    def _gather(self, data: bytes) -> None:
+        """Add the start of ``data`` to the Parse or Close being gathered, as
+        much as it still needs; note it once whole."""
+        frame = self._stmt
+        assert frame is not None
+        pos = 0
+        if not self._stmt_size:
+            pos = max(0, 5 - len(frame))
+            frame += data[:pos]
+            if len(frame) < 5:
+                return  # its header is still split
+            size = 1 + int.from_bytes(frame[1:5], "big")
+            if not 5 <= size <= _MAX_STATEMENT_FRAME:
+                self._stmt = None  # malformed, or too large to keep in any case
+                return
+            self._stmt_size = size
+        more = self._stmt_size - len(frame)
+        frame += data[pos:pos + more]
+        if len(frame) == self._stmt_size:
+            self._stmt = None
+            self._stmt_size = 0
+            self.statements.note(bytes(frame))
 
     def _frame_end(self, kind: int, data: bytes, start: int, end: int, begin: int) -> int:
         """A client frame of type ``kind`` ended at ``end`` in ``data``.
@@ -732,6 +789,7 @@ class PgSession(asyncio.Protocol, ClientSession):
         self.mirrors = None
         self._pieces.clear()
         self._held = 0
+        self._stmt = None
         for _, unit in self._pending:
             if unit is not None:
                 unit.settle(None)

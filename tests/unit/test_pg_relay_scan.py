@@ -374,6 +374,28 @@ def test_named_parse_is_noted_for_re_preparing(name: bytes, sql: str, cuts: list
         assert rig.session.statements.get(name) == parse
 
 
+@relay_settings
+@given(name=names_st.filter(bool), budget=st.integers(1, 400), cuts=cuts_st)
+def test_named_parse_over_the_byte_budget_is_noted_however_it_is_split(
+    name: bytes, budget: int, cuts: list[int]
+) -> None:
+    # A unit over every mirror's byte budget keeps none of its bytes past the
+    # budget, yet a Parse in it, whichever chunks it spans, must be known for
+    # re-preparing the Binds that follow (and a Close must still forget it).
+    parse = codec.parse(name, b"SELECT 1 /* " + b"x" * 300 + b" */")
+    close = codec.frame(b"C", b"S" + name + b"\0")
+    first = parse + bind(name) + execute() + codec.sync()
+    second = close + codec.frame(b"Q", b"SELECT 2 /* " + b"y" * 300 + b" */\0")
+    for pieces, more in zip(split_ways(first, cuts), split_ways(second, cuts), strict=True):
+        rig = Rig()
+        rig.session._max_unit = budget
+        rig.send(pieces)
+        assert rig.session.statements.get(name) == parse
+        rig.send(more)
+        assert rig.session.statements.get(name) is None
+        assert [u.size for u in rig.offered] == [len(first), len(second)]
+
+
 # --- 3. settling -------------------------------------------------------------------
 
 
