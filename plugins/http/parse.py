@@ -152,6 +152,9 @@ class RequestHead:
     expect_continue: bool
     close_after: bool
     forward: list[tuple[bytes, bytes]]
+    # The head as received, request line to the empty line: what a proxy may
+    # forward as it is when it drops no field but Content-Length.
+    raw: bytes = attrs.field(default=b"", eq=False, repr=False)
 
 
 @attrs.define
@@ -851,6 +854,7 @@ class BaseRequestParser(_MessageStream):
         # The request line first: a 501 for its method precedes any 400 for the fields.
         line = _split_request_line(head)
         request = _request_head(line, self._read_fields(head), self._max_body)
+        request.raw = head
         events.append(request)
         self._last = request.close_after or not request.keep_alive
         if request.chunked:

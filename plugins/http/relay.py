@@ -375,23 +375,35 @@ class HttpSession(asyncio.Protocol, ClientSession):
             route = self.protocol.route(head.method, head.target, host)
         else:
             route = self.protocol.default
+        # The head goes on as received when this hop drops none of its fields
+        # but Content-Length (which it keeps, the body being sent as it came)
+        # and its request line is HTTP/1.1; X-Forwarded-For is then added as a
+        # last field, or, if the client sent one, the head is rebuilt with it.
+        kept = len(headers)
+        as_received = (head.version == b"1.1" and not head.chunked
+                       and kept + (head.content_length is not None) == len(head.headers))
+        primary_head = b""
         if self.forwarded_for and self.peer:
             headers = _append_forwarded_for(headers, self.peer)
+            if as_received and len(headers) > kept:
+                primary_head = b"%sX-Forwarded-For: %s\r\n\r\n" % (head.raw[:-2], self.peer)
+        elif as_received:
+            primary_head = head.raw
         ex = _Exchange(head, route)
         self.current = ex
         ex.started = _clock()
-        # The head the primary gets: the request line, end-to-end headers, and
-        # this hop's framing.
-        parts = [head.method, b" ", head.target, b" HTTP/1.1\r\n"]
-        for name, value in headers:
-            parts += (name, b": ", value, b"\r\n")
-        if ex.chunked:
-            parts.append(b"Transfer-Encoding: chunked\r\n\r\n")
-        elif head.content_length is not None:
-            parts.append(b"Content-Length: %d\r\n\r\n" % head.content_length)
-        else:
-            parts.append(b"\r\n")
-        primary_head = b"".join(parts)
+        if not primary_head:
+            # The request line, end-to-end headers, and this hop's framing.
+            parts = [head.method, b" ", head.target, b" HTTP/1.1\r\n"]
+            for name, value in headers:
+                parts += (name, b": ", value, b"\r\n")
+            if ex.chunked:
+                parts.append(b"Transfer-Encoding: chunked\r\n\r\n")
+            elif head.content_length is not None:
+                parts.append(b"Content-Length: %d\r\n\r\n" % head.content_length)
+            else:
+                parts.append(b"\r\n")
+            primary_head = b"".join(parts)
         self._to_primary(primary_head)
         if route.mirrors:
             self._choose_mirrors(ex, head, headers, route, primary_head)

@@ -205,6 +205,32 @@ def test_primary_receives_the_request_exactly_with_x_forwarded_for_appended(
     assert p2.values("Host") == ["api.example:8080"]
 
 
+def test_a_head_with_no_hop_by_hop_field_reaches_the_primary_as_sent(
+    servers: Servers, relay: Relays
+) -> None:
+    # Only Content-Length, which this hop keeps: the head goes on as it came,
+    # with X-Forwarded-For as its last field. Anything more to drop, or an
+    # HTTP/1.0 request line, and the head is rebuilt (Content-Length last).
+    primary = servers()
+    r = relay(primary)
+    fields = [("Host", "api.example"), ("content-length", "3"), ("X-Tenant", "t1")]
+    with r.raw() as c:
+        c.send(request_bytes("POST", "/as-sent", fields, b"abc"))
+        assert c.response().status == 200
+        c.send(request_bytes("POST", "/rebuilt", [*fields, ("Keep-Alive", "timeout=5")], b"abc"))
+        assert c.response().status == 200
+    with r.raw() as c:
+        c.send(b"POST /old HTTP/1.0\r\nHost: api.example\r\ncontent-length: 3\r\n\r\nabc")
+        assert c.response().status == 200
+    as_sent, rebuilt, old = primary.wait_for(3)
+    assert as_sent.headers == [*fields, ("X-Forwarded-For", "127.0.0.1")]
+    assert rebuilt.headers == [("Host", "api.example"), ("X-Tenant", "t1"),
+                               ("X-Forwarded-For", "127.0.0.1"), ("Content-Length", "3")]
+    assert old.headers == [("Host", "api.example"), ("X-Forwarded-For", "127.0.0.1"),
+                           ("Content-Length", "3")]
+    assert as_sent.body == rebuilt.body == old.body == b"abc"
+
+
 def test_forwarded_for_off_leaves_x_forwarded_for_as_the_client_sent_it(
     servers: Servers, relay: Relays
 ) -> None:
