@@ -63,6 +63,7 @@ def _actions(**kinds: bytes) -> bytes:
 _FRONT_ACTIONS = _actions(unit_end=b"SQF", copy=b"dcf", mark=b"PC")
 # While a unit is over the byte budget, Parse and Close must be seen too.
 _FRONT_ACTIONS_OVERSIZED = _actions(unit_end=b"SQF", copy=b"dcf", statement=b"PC")
+_PARSE_OR_CLOSE = _actions(unit_end=b"", copy=b"", statement=b"PC")
 # In the primary's bytes only ReadyForQuery matters.
 _BACK_ACTIONS = _actions(unit_end=b"Z", copy=b"")
 # Backend type bytes.
@@ -502,18 +503,19 @@ class PgSession(asyncio.Protocol, ClientSession):
         next bytes start ``data``."""
         kept = b"".join(self._pieces)
         self._pieces.clear()
-        pos, n = 0, len(kept)
-        while n - pos >= 5:
-            end = pos + 1 + int.from_bytes(kept[pos + 1:pos + 5], "big")
-            if end > n:
-                break
-            pos = end
-        if pos:
-            self.statements.note(kept[:pos])
-        if pos < n and (kept[pos] == 0x50 or kept[pos] == 0x43):  # Parse, Close
-            self._stmt = bytearray(kept[pos:])
-            self._stmt_size = 0
-            self._gather(data)
+        self.statements.note(kept)  # its whole frames: it stops at the cut one
+        n = len(kept)
+        pos, hits = walk(kept, 0, _PARSE_OR_CLOSE)
+        if pos < n:  # a split header
+            if kept[pos] != 0x50 and kept[pos] != 0x43:
+                return
+        elif hits and hits[-1][2] > n:
+            pos = hits[-1][1]
+        else:
+            return  # it ends inside a frame of another type
+        self._stmt = bytearray(kept[pos:])
+        self._stmt_size = 0
+        self._gather(data)
 
     def _gather(self, data: bytes) -> None:
         """Add the start of ``data`` to the Parse or Close being gathered, as
