@@ -252,30 +252,32 @@ class MirrorSession:
 
         :returns: whether it was dropped.
         """
-        stats = self.stats
         size = unit.size
-        if self._closed:
-            stats.offer_dropped(DropReason.SHUTDOWN)
-            return True
-        if size > self._budget:
-            stats.offer_dropped(DropReason.TOO_LARGE)
-            self._mark_dropped(unit)
-            return True
-        elif self.replayer.unavailable():
-            stats.offer_dropped(DropReason.MIRROR_UNAVAILABLE)
-            self._mark_dropped(unit)
-            return True
-        elif self._units >= self._limit or stats.queued_bytes + size > self._budget:
-            stats.offer_dropped(DropReason.QUEUE_FULL)
-            self._mark_dropped(unit)
-            return True
-        else:
+        reason = self._refusing(size)
+        if reason is None:
             self._q.append(unit)
             self._units += 1
             self._held[unit] = [size, len(unit.chunks), len(unit.chunks)]
-            stats.offer_queued(size)
+            self.stats.offer_queued(size)
             self._wake()
-        return False
+            return False
+        self.stats.offer_dropped(reason)
+        if reason is not DropReason.SHUTDOWN:
+            self._mark_dropped(unit)
+        return True
+
+    def _refusing(self, size: int) -> DropReason | None:
+        """Why an offer of ``size`` bytes would be dropped now; None if it
+        would be queued."""
+        if self._closed:
+            return DropReason.SHUTDOWN
+        if size > self._budget:
+            return DropReason.TOO_LARGE
+        if self.replayer.unavailable():
+            return DropReason.MIRROR_UNAVAILABLE
+        if self._units >= self._limit or self.stats.queued_bytes + size > self._budget:
+            return DropReason.QUEUE_FULL
+        return None
 
     def refused(self, size: int) -> bool:
         """Count the drop an ``offer`` of ``size`` bytes would be now, if it
@@ -288,15 +290,8 @@ class MirrorSession:
 
         :returns: whether it was refused (and counted).
         """
-        if self._closed:
-            reason = DropReason.SHUTDOWN
-        elif size > self._budget:
-            reason = DropReason.TOO_LARGE
-        elif self.replayer.unavailable():
-            reason = DropReason.MIRROR_UNAVAILABLE
-        elif self._units >= self._limit or self.stats.queued_bytes + size > self._budget:
-            reason = DropReason.QUEUE_FULL
-        else:
+        reason = self._refusing(size)
+        if reason is None:
             return False
         self.stats.offer_dropped(reason)
         return True
@@ -322,15 +317,7 @@ class MirrorSession:
         Only for units outside any group the worker has seen (the protocol
         stops cutting at a group boundary), so no drop marker is needed.
         """
-        stats = self.stats
-        if self._closed:
-            stats.offer_dropped(DropReason.SHUTDOWN)
-        elif size > self._budget:
-            stats.offer_dropped(DropReason.TOO_LARGE)
-        elif self.replayer.unavailable():
-            stats.offer_dropped(DropReason.MIRROR_UNAVAILABLE)
-        else:
-            stats.offer_dropped(DropReason.QUEUE_FULL)
+        self.stats.offer_dropped(self._refusing(size) or DropReason.QUEUE_FULL)
 
     def extend(self, unit: Unit, chunk: bytes) -> bool:
         """Charge a chunk that ``unit`` gained; cut the unit if the budget is gone.
