@@ -35,6 +35,9 @@ class AnsweringTransport:
     def write(self, data: bytes) -> None:
         self.loop.call_soon(self._answer)
 
+    def writelines(self, data: Any) -> None:
+        self.loop.call_soon(self._answer)
+
     def _answer(self) -> None:
         self.protocol.data_received(self.answer)
         if self.answered is not None:

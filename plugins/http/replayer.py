@@ -94,8 +94,13 @@ class Rewrite:
 
     def request(self, req: MirrorRequest, body: bytes) -> bytes:
         """The bytes this mirror gets for ``req``."""
+        return self.head(req, body) + body
+
+    def head(self, req: MirrorRequest, body: bytes) -> bytes:
+        """The head this mirror gets for ``req`` and its ``body`` (which
+        follows it unchanged, written apart so it is never copied)."""
         if self.plain and req.head is not None:
-            return req.head + body
+            return req.head
         remove = self.remove
         host = self.host
         parts = [req.method, b" ", req.target, b" HTTP/1.1\r\n", b""]
@@ -116,7 +121,7 @@ class Rewrite:
             parts += (name, b": ", value, b"\r\n")
         if req.has_body or body:
             parts.append(b"Content-Length: %d\r\n" % len(body))
-        parts += (b"\r\n", body)
+        parts.append(b"\r\n")
         return b"".join(parts)
 
 
@@ -264,9 +269,11 @@ class MirrorConn(asyncio.Protocol):
             self._timer_at = self._deadline
             self._timer = loop.call_at(self._deadline, self._watch)
 
-    def exchange(self, data: bytes, method: bytes, timeout: float) -> asyncio.Future[int]:
-        """Send one request; a future of the status of its final response
-        (its body read and dropped). A future, not a coroutine: the worker
+    def exchange(self, data: bytes, method: bytes, timeout: float,
+                 body: bytes = b"") -> asyncio.Future[int]:
+        """Send one request (``data``, then ``body`` if any, in one write);
+        a future of the status of its final response (its body read and
+        dropped). A future, not a coroutine: the worker
         awaits it without one more frame per request.
 
         The future raises MirrorTimeout when no whole response came within
@@ -290,7 +297,10 @@ class MirrorConn(asyncio.Protocol):
             self._strict.expect(method)
         elif self._strict is not None:
             self._strict = None
-        self.transport.write(data)
+        if body:
+            self.transport.writelines((data, body))
+        else:
+            self.transport.write(data)
         return waiter
 
     def close(self) -> None:
@@ -345,7 +355,8 @@ class HttpReplayer(Replayer):
 
     async def deliver(self, unit: Unit, session: MirrorSession) -> str:
         req: MirrorRequest = unit.meta
-        data = self.rewrite.request(req, unit.data)
+        body = unit.data
+        head = self.rewrite.head(req, body)
         attempt = 0
         while True:
             # One coroutine for the whole delivery: an idle connection and
@@ -355,7 +366,7 @@ class HttpReplayer(Replayer):
             if conn is None:
                 conn, timeout = await self._connect_within(timeout)
             try:
-                status = await conn.exchange(data, req.method, timeout)
+                status = await conn.exchange(head, req.method, timeout, body)
             except MirrorTimeout:
                 self._drop(conn)
                 raise MirrorTimeout(f"no answer within {self.timeout:g}s") from None
