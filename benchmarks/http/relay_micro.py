@@ -5,7 +5,7 @@
 # record, take a 4 KB POST like wrk's and nginx's 200 answer to it, with no
 # mirror, with a mirror whose queue is full (a slow mirror, as the relay sees
 # it most of the time), and with a mirror that gets and answers every request.
-# Also a baseline, as postgres/pump.py is for the Postgres relay: the same
+# Also a baseline, as pump.py is for the Postgres relay: the same
 # request and answer through two persistent httptools parsers that only drop
 # hop-by-hop headers and rebuild the heads (no routing, accounting or checks
 # beyond llhttp's), to show how much of the relay's cost is its layering.

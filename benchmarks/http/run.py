@@ -50,6 +50,8 @@ PATHS = [
     "nginx",
     "nginx-mirror",
     "nginx-slow",
+    "pump",
+    "pump-mirror",
     "mirrorgate-nomirror",
     "mirrorgate-mirror",
     "mirrorgate-slow",
@@ -57,6 +59,7 @@ PATHS = [
 HERE = Path(__file__).resolve().parent
 POST_LUA = HERE / "post.lua"
 SLOW_SERVER = HERE / "slow_server.py"
+PUMP = HERE.parent / "pump.py"
 OUT = REPO_ROOT / "benchmarks" / "out" / "http.md"
 URL_PATH = "/api/v1/push"  # what Prometheus remote write posts to; every server answers any path
 LISTENER = "http"
@@ -68,6 +71,11 @@ RATIOS: list[tuple[str, str, str]] = [
     ("mirrorgate-slow", "mirrorgate-nomirror", ">= 0.9"),
     ("nginx-slow", "nginx-mirror", ""),
     ("mirrorgate-nomirror", "nginx", ""),
+    # The ceilings of any Python relay on this machine: no parsing at all.
+    ("pump-mirror", "nginx-mirror", ""),
+    ("pump", "nginx", ""),
+    ("mirrorgate-mirror", "pump-mirror", ""),
+    ("mirrorgate-nomirror", "pump", ""),
 ]
 DELIVERED_TARGET = 0.99  # of the requests offered to the fast mirror
 
@@ -256,6 +264,31 @@ def start_front(bench: Bench, names: list[str]) -> dict[str, Target]:
     return targets
 
 
+def start_pump(bench: Bench, name: str, tee: int | None) -> Target:
+    """The bare byte pump (../pump.py) in front of the primary; teeing every
+    client byte to the fast mirror if ``tee`` is its port."""
+    s = bench.servers
+    assert s is not None
+    port = free_port()
+    log = bench.workdir / f"{name}.log"
+    cmd = [sys.executable, str(PUMP), "--listen", f"127.0.0.1:{port}",
+           "--upstream", f"127.0.0.1:{s.primary}"]
+    if tee is not None:
+        cmd += ["--tee", f"127.0.0.1:{tee}"]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=open(log, "wb"),  # noqa: SIM115 - the child holds it
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    path = Target(name, port, stop=functools.partial(terminate, proc),
+                  relay_pid=lambda: proc.pid)
+    if not wait_listening("127.0.0.1", port, timeout=10) or proc.poll() is not None:
+        terminate(proc)
+        path.error = f"{name} did not start: " + tail(log)
+    return path
+
+
 # -- the gateway -----------------------------------------------------------------
 
 
@@ -330,6 +363,10 @@ def setup_paths(bench: Bench) -> None:
             path = Target(name, s.primary)
         elif name in fronts:
             path = fronts[name]
+        elif name == "pump":
+            path = start_pump(bench, name, None)
+        elif name == "pump-mirror":
+            path = start_pump(bench, name, s.mirror)
         elif name == "mirrorgate-nomirror":
             path = start_gateway(bench, name, None)
         elif name == "mirrorgate-mirror":
@@ -493,6 +530,11 @@ def report(bench: Bench) -> str:
         r = s[name]
         dl = f"{r.delivered * 100:.2f}%" if r.delivered is not None else ""
         drops = ", ".join(f"{k} {v:.0f}" for k, v in sorted(r.drops.items()))
+        if name == "pump-mirror":
+            # A raw tee counts no requests; it can only cut a mirror off.
+            log = bench.workdir / f"{name}.log"
+            cut = log.read_text().count("cut off") if log.exists() else 0
+            drops = f"mirror connections cut off: {cut}"
         lines.append(
             f"| {name} | {r.rps:.0f} | {r.p99_ms:.2f} "
             f"| {'' if r.cpu_us is None else format(r.cpu_us, '.1f')} | {r.ok}/{r.ok + len(fails)} "

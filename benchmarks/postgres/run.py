@@ -157,7 +157,7 @@ def start_pump(workdir: Path, primary: PgCluster) -> Target:
     proc = subprocess.Popen(
         [
             sys.executable,
-            str(Path(__file__).with_name("pump.py")),
+            str(Path(__file__).parents[1] / "pump.py"),
             "--listen",
             f"127.0.0.1:{port}",
             "--upstream",
