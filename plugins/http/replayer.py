@@ -156,6 +156,9 @@ class MirrorConn(asyncio.Protocol):
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
+        # Its event loop, asked once: on Python 3.11 every
+        # asyncio.get_running_loop() is a getpid() system call.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses: no isinstance.
@@ -262,7 +265,8 @@ class MirrorConn(asyncio.Protocol):
         self._timer_at = math.inf
         if self.waiter is None or self.closed:
             return
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        assert loop is not None  # set by exchange(), which armed this timer
         if loop.time() >= self._deadline:
             self._fail(MirrorTimeout("no answer in time"))
         else:
@@ -281,7 +285,9 @@ class MirrorConn(asyncio.Protocol):
         connection broke or the answer was garbage.
         """
         assert self.transport is not None
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         self.waiter = waiter = loop.create_future()
         self._deadline = deadline = loop.time() + timeout
         if deadline < self._timer_at:
