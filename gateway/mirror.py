@@ -143,6 +143,27 @@ class Unit:
 _NO_CHUNKS: tuple[()] = ()
 
 
+class _Changes:
+    """How many times a mirror queue, any of them, gave up a unit, released
+    bytes or closed: the only events (besides time) after which an offer
+    that was refused may be taken. A protocol whose session asked
+    ``MirrorSet.down_until`` need not ask again while this stays the same.
+
+    One counter for every mirror: a connection pool, whose backoff also
+    decides refusals, is shared by mirrors of several listeners, and its
+    backoff starts or ends only while a worker delivers a unit, which then
+    leaves its queue.
+    """
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+CHANGES = _Changes()
+
+
 class _Dropped:
     """Queue marker: units were dropped here; the worker must close their group."""
 
@@ -298,15 +319,15 @@ class MirrorSession:
 
     def refusal(self) -> tuple[float, DropReason]:
         """While an offer would be dropped whatever its size: until when
-        (``time.monotonic``; ``inf`` for good, the present time when only the
-        worker can tell by draining its queue; 0.0 when one may be queued),
-        and the reason such a drop is counted under."""
+        (``time.monotonic``; ``inf`` when only a change of a queue can end
+        it, see ``CHANGES``; the present time when unknown; 0.0 when one may
+        be queued), and the reason such a drop is counted under."""
         if self._closed:
             return math.inf, DropReason.SHUTDOWN
         if self.replayer.unavailable():
             return self.replayer.retry_at() or _clock(), DropReason.MIRROR_UNAVAILABLE
         if self._units >= self._limit or self.stats.queued_bytes >= self._budget:
-            return _clock(), DropReason.QUEUE_FULL
+            return math.inf, DropReason.QUEUE_FULL
         return 0.0, DropReason.QUEUE_FULL
 
     def drop_unoffered(self, size: int) -> None:
@@ -349,12 +370,14 @@ class MirrorSession:
     def close(self) -> None:
         """No more units: the worker delivers what is queued, then ends."""
         self._closed = True
+        CHANGES.count += 1
         self._wake()
 
     def abort(self, reason: DropReason = DropReason.SHUTDOWN) -> None:
         """Drop everything queued now; the worker stops after its current unit."""
         self._closed = True
         self._aborted = True
+        CHANGES.count += 1
         while self._q:
             item = self._q.popleft()
             if isinstance(item, Unit):
@@ -395,6 +418,7 @@ class MirrorSession:
                 held[1] = i + 1
                 held[0] -= len(chunk)
                 self.stats.release_bytes(len(chunk))
+                CHANGES.count += 1
                 _unref(unit, i)
                 yield chunk
                 continue
@@ -419,6 +443,7 @@ class MirrorSession:
         if held is None:
             return
         self.stats.release_bytes(held[0])
+        CHANGES.count += 1
         self._cut.pop(unit, None)
         for i in range(held[1], held[2]):
             _unref(unit, i)  # chunks this session will never read
@@ -446,6 +471,7 @@ class MirrorSession:
                 item = q.popleft()
                 if type(item) is Unit:
                     self._units -= 1
+                    CHANGES.count += 1  # a slot is free
                 if isinstance(item, _Dropped):
                     if not skipping:
                         await self._abort_group()
@@ -588,12 +614,17 @@ class Mirror:
 class MirrorSet:
     """What one client session offers its units to: sampled mirrors, and skipped ones."""
 
-    __slots__ = ("sessions", "skipped", "down", "_dark")
+    __slots__ = ("sessions", "skipped", "down", "changes", "asked", "_dark")
 
     def __init__(self, sessions: list[MirrorSession], skipped: list[MirrorStats]) -> None:
         self.sessions = sessions
         self.skipped = skipped
         self.down = False  # every mirror dropped the last unit offered
+        # The counter of queue changes (``CHANGES``; a slot, the quickest
+        # read): while ``asked`` equals its count, what ``down_until`` found
+        # still holds until the time it gave.
+        self.changes = CHANGES
+        self.asked = -1
         # Set by down_until while every mirror refuses: each session then
         # holds the reason its drops are counted under (dark_reason), so that
         # drop_unoffered costs a counter update per mirror.
@@ -612,9 +643,13 @@ class MirrorSet:
 
     def down_until(self) -> float:
         """If every mirror refuses units (unavailable, or its queue full):
-        until when the first may take one again (``time.monotonic``; the
-        present time when that is for a queue to tell, so: ask again at the
-        next chance); 0.0 if one would queue a unit now."""
+        until when, by time, the answer holds (``time.monotonic``; ``inf``
+        when only a queue can end it); 0.0 if one would queue a unit now.
+
+        The answer also holds only while ``asked == changes.count``: a
+        protocol asks again when either the time has come or a queue changed.
+        """
+        self.asked = CHANGES.count
         self._dark = False
         if not self.sessions:
             return 0.0

@@ -592,7 +592,9 @@ class PgSession(asyncio.Protocol, ClientSession):
         down = self._down_until
         if down and self._idle and not self._pending:
             # This unit starts a transaction: may a mirror take it after all?
-            if _clock() >= down:
+            # Only time (a backoff running out) or a queue that gave up a
+            # unit since the last answer can make it so.
+            if _clock() >= down or mirrors.asked != mirrors.changes.count:
                 down = self._down_until = mirrors.down_until()
         if down:
             # Every mirror refuses units: count the unit as the offer would

@@ -3,8 +3,6 @@ import asyncio
 import math
 from types import SimpleNamespace
 
-import pytest
-
 from gateway.accounting import DropReason
 from gateway.mirror import Mirror, MirrorSession, Replayer, Unit
 
@@ -129,20 +127,73 @@ def test_uncut_units_of_a_closed_set_are_shutdown_drops_whatever_their_size() ->
     assert mirror.stats.dropped[DropReason.TOO_LARGE] == 0 and mirror.stats.balanced()
 
 
-def test_a_set_whose_every_queue_is_full_is_down_until_asked_again(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_a_set_whose_every_queue_is_full_is_down_until_a_queue_changes() -> None:
     from gateway.mirror import MirrorSet
 
-    monkeypatch.setattr("gateway.mirror._clock", lambda: 123.0)
     mirror, _ = _mirror(queue=1)
     full = MirrorSet([MirrorSession(mirror, ScriptedReplayer([]))], [])
     full.offer(Unit(b"a"))
     assert not full.down  # queued
     full.offer(Unit(b"b"))
-    assert full.down and full.down_until() == 123.0  # "now": only the worker can tell
+    # No time ends a full queue: only a queue giving up a unit can.
+    assert full.down and full.down_until() == math.inf
+    assert full.asked == full.changes.count
     full.drop_unoffered(3)
     assert mirror.stats.dropped[DropReason.QUEUE_FULL] == 2 and mirror.stats.balanced()
+
+
+class GatedReplayer(ScriptedReplayer):
+    """Delivers each unit once ``gate`` is set, so a test sees the worker mid-way."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+        self.gate = asyncio.Event()
+        self.started = asyncio.Event()
+
+    async def deliver(self, unit: Unit, session: MirrorSession) -> str:
+        self.started.set()
+        await self.gate.wait()
+        self.delivered.append(unit.data)
+        return "ok"
+
+
+def test_every_way_a_queue_makes_room_or_closes_moves_the_change_count() -> None:
+    from gateway.mirror import CHANGES, MirrorSet
+
+    async def go() -> None:
+        mirror, _ = _mirror(queue=1)
+        replayer = GatedReplayer()
+        session = MirrorSession(mirror, replayer)
+        full = MirrorSet([session], [])
+        full.offer(Unit(b"a"))
+        full.offer(Unit(b"b"))  # refused: the queue holds "a"
+        assert full.down_until() == math.inf
+        worker = asyncio.ensure_future(session.run())
+        await replayer.started.wait()
+        # The worker took "a": its slot is free, so the answer may differ now.
+        assert full.asked != CHANGES.count
+        assert full.down_until() == 0.0
+        full.offer(Unit(b"c"))
+        assert full.down_until() == math.inf
+        asked = full.asked
+        replayer.gate.set()
+        await asyncio.sleep(0)  # "a" is delivered: its bytes are released
+        assert CHANGES.count != asked
+        asked = CHANGES.count
+        session.close()
+        assert CHANGES.count != asked  # closed: a refusal is now `shutdown`
+        await worker
+        assert replayer.delivered == [b"a", b"c"]
+        assert mirror.stats.balanced()
+
+        aborted = MirrorSession(mirror, ScriptedReplayer([]))
+        aborted.offer(Unit(b"d"))
+        asked = CHANGES.count
+        aborted.abort()
+        assert CHANGES.count != asked
+        assert mirror.stats.balanced()
+
+    asyncio.run(go())
 
 
 def test_refused_counts_the_drop_an_offer_would_be() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import struct
 import time
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -76,6 +77,9 @@ class RecordingMirrors:
         self.closed = False
         self.down = False  # what MirrorSet.offer found: every mirror unavailable
         self.until = 0.0   # what down_until answers
+        self.changes = SimpleNamespace(count=0)  # bumped when a queue changes
+        self.asked = -1    # changes.count when down_until was last asked
+        self.questions = 0  # how often down_until was asked
 
     def __bool__(self) -> bool:
         return True
@@ -84,6 +88,8 @@ class RecordingMirrors:
         self.offered.append(unit)
 
     def down_until(self) -> float:
+        self.asked = self.changes.count
+        self.questions += 1
         return self.until
 
     def drop_unoffered(self, size: int) -> None:
@@ -678,3 +684,26 @@ def test_while_every_mirror_is_down_units_are_counted_and_resume_at_a_boundary()
         assert rig.primary.data.endswith(codec.query("SELECT 2"))
     finally:
         relay_module._clock = time.monotonic  # type: ignore[attr-defined]
+
+
+def test_a_full_queue_is_asked_again_only_once_a_queue_changed() -> None:
+    rig = Rig()
+    m = rig.mirrors
+    m.down, m.until = True, float("inf")  # queues full: no time ends it
+    rig.send([codec.query("SELECT 0")])
+    rig.answer([IDLE])  # refused, at a boundary: from here units are only counted
+    assert m.questions == 1
+    for i in range(5):
+        rig.send([codec.query(f"SELECT {i + 1}")])
+        rig.answer([IDLE])
+    # Nothing left any queue: each unit starts a transaction, none asks again.
+    assert m.questions == 1 and len(m.unoffered) == 5
+    # A queue gave up a unit: the next unit that starts a transaction asks,
+    # and is cut and offered since a mirror would take it now.
+    m.changes.count += 1
+    m.down, m.until = False, 0.0
+    rig.send([codec.query("SELECT 6")])
+    rig.answer([IDLE])
+    assert m.questions == 2
+    assert len(m.offered) == 2 and m.offered[-1].data == codec.query("SELECT 6")
+    assert len(m.unoffered) == 5
