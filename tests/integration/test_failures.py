@@ -174,6 +174,35 @@ def test_slow_mirror_small_queue_drops_queue_full_and_keeps_what_it_delivered(
     assert_balanced(c)
 
 
+def test_a_session_whose_mirror_queue_filled_is_mirrored_again_once_it_drains(
+    launch: Launcher, pg_primary: PgCluster, pg_mirror: PgCluster, fresh_db: str
+) -> None:
+    # A burst fills the queue, and the session stops cutting units at a
+    # transaction boundary; it must take them up again as soon as the queue
+    # has room, however long nothing else happens in the gateway.
+    for cluster in (pg_primary, pg_mirror):
+        cluster.execute("CREATE TABLE t (x int)", fresh_db)
+    with DelayProxy("127.0.0.1", pg_mirror.port, delay_down=0.2) as slow:
+        ports = GatewayPorts()
+        gw = launch(pg_config(ports, ("127.0.0.1", pg_primary.port),
+                              [_mirror("127.0.0.1", slow.port, queue=2)]), ports)
+        with psycopg.connect(_dsn(ports, fresh_db), autocommit=True,
+                             prepare_threshold=None) as conn:
+            for i in range(20):
+                conn.execute("INSERT INTO t VALUES (%s)", (i,))
+            burst = wait_at_rest(gw, MIRROR, timeout=30)
+            assert burst.dropped["queue_full"] > 0
+            for i in range(100, 105):
+                conn.execute("INSERT INTO t VALUES (%s)", (i,))
+                wait_at_rest(gw, MIRROR, timeout=30)
+        c = wait_at_rest(gw, MIRROR, clients=0, timeout=30)
+    assert c.delivered["ok"] == burst.delivered["ok"] + 5
+    assert c.dropped["queue_full"] == burst.dropped["queue_full"]
+    mirrored = {int(x) for x in pg_mirror.psql("SELECT x FROM t", fresh_db).split()}
+    assert set(range(100, 105)) <= mirrored
+    assert_balanced(c)
+
+
 def test_transaction_dropped_on_slow_mirror_is_never_half_applied(
     launch: Launcher, pg_primary: PgCluster, pg_mirror: PgCluster, fresh_db: str
 ) -> None:
