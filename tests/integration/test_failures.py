@@ -8,10 +8,13 @@
 # and replication connections behave as a user of Postgres expects.
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -148,20 +151,28 @@ def test_mirror_speaking_garbage_costs_the_client_nothing(
     assert_balanced(c)
 
 
-def test_slow_mirror_small_queue_drops_queue_full_and_keeps_what_it_delivered(
-    launch: Launcher, pg_primary: PgCluster, pg_mirror: PgCluster, fresh_db: str
-) -> None:
+@contextlib.contextmanager
+def _slow_mirror(launch: Launcher, pg_primary: PgCluster, pg_mirror: PgCluster, db: str,
+                 *, queue: int, columns: str = "x int") -> Iterator[tuple[Any, str]]:
+    """A gateway mirroring to ``pg_mirror`` through a proxy that holds each of
+    its answers 200 ms, with a table ``t`` on both clusters: (gateway, DSN)."""
     for cluster in (pg_primary, pg_mirror):
-        cluster.execute("CREATE TABLE t (x int)", fresh_db)
+        cluster.execute(f"CREATE TABLE t ({columns})", db)
     with DelayProxy("127.0.0.1", pg_mirror.port, delay_down=0.2) as slow:
         ports = GatewayPorts()
         gw = launch(pg_config(ports, ("127.0.0.1", pg_primary.port),
-                              [_mirror("127.0.0.1", slow.port, queue=5)]), ports)
+                              [_mirror("127.0.0.1", slow.port, queue=queue)]), ports)
+        yield gw, _dsn(ports, db)
+
+
+def test_slow_mirror_small_queue_drops_queue_full_and_keeps_what_it_delivered(
+    launch: Launcher, pg_primary: PgCluster, pg_mirror: PgCluster, fresh_db: str
+) -> None:
+    with _slow_mirror(launch, pg_primary, pg_mirror, fresh_db, queue=5) as (gw, dsn):
         n = 100
         # prepare_threshold=None: psycopg never adds a Parse-only unit, so one
         # unit is one insert.
-        with psycopg.connect(_dsn(ports, fresh_db), autocommit=True,
-                             prepare_threshold=None) as conn:
+        with psycopg.connect(dsn, autocommit=True, prepare_threshold=None) as conn:
             for i in range(n):
                 conn.execute("INSERT INTO t (x) VALUES (%s)", (i,))
         assert pg_primary.query_value("SELECT count(*) FROM t", fresh_db) == str(n)
@@ -180,14 +191,8 @@ def test_a_session_whose_mirror_queue_filled_is_mirrored_again_once_it_drains(
     # A burst fills the queue, and the session stops cutting units at a
     # transaction boundary; it must take them up again as soon as the queue
     # has room, however long nothing else happens in the gateway.
-    for cluster in (pg_primary, pg_mirror):
-        cluster.execute("CREATE TABLE t (x int)", fresh_db)
-    with DelayProxy("127.0.0.1", pg_mirror.port, delay_down=0.2) as slow:
-        ports = GatewayPorts()
-        gw = launch(pg_config(ports, ("127.0.0.1", pg_primary.port),
-                              [_mirror("127.0.0.1", slow.port, queue=2)]), ports)
-        with psycopg.connect(_dsn(ports, fresh_db), autocommit=True,
-                             prepare_threshold=None) as conn:
+    with _slow_mirror(launch, pg_primary, pg_mirror, fresh_db, queue=2) as (gw, dsn):
+        with psycopg.connect(dsn, autocommit=True, prepare_threshold=None) as conn:
             for i in range(20):
                 conn.execute("INSERT INTO t VALUES (%s)", (i,))
             burst = wait_at_rest(gw, MIRROR, timeout=30)
@@ -206,14 +211,9 @@ def test_a_session_whose_mirror_queue_filled_is_mirrored_again_once_it_drains(
 def test_transaction_dropped_on_slow_mirror_is_never_half_applied(
     launch: Launcher, pg_primary: PgCluster, pg_mirror: PgCluster, fresh_db: str
 ) -> None:
-    for cluster in (pg_primary, pg_mirror):
-        cluster.execute("CREATE TABLE t (tx int, x int)", fresh_db)
-    with DelayProxy("127.0.0.1", pg_mirror.port, delay_down=0.2) as slow:
-        ports = GatewayPorts()
-        gw = launch(pg_config(ports, ("127.0.0.1", pg_primary.port),
-                              [_mirror("127.0.0.1", slow.port, queue=2)]), ports)
-        with psycopg.connect(_dsn(ports, fresh_db), autocommit=True,
-                             prepare_threshold=None) as conn:
+    with _slow_mirror(launch, pg_primary, pg_mirror, fresh_db, queue=2,
+                      columns="tx int, x int") as (gw, dsn):
+        with psycopg.connect(dsn, autocommit=True, prepare_threshold=None) as conn:
             # Transaction 1: a burst overflows the queue of 2.
             conn.execute("BEGIN")
             for i in range(30):
