@@ -166,11 +166,90 @@ count(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return pair(pos, PyLong_FromSsize_t(found));
 }
 
+/* (a, b, c, d) from four integers. */
+static PyObject *
+quad(Py_ssize_t a, Py_ssize_t b, long c, Py_ssize_t d)
+{
+    PyObject *t = PyTuple_New(4), *x;
+    if (t == NULL)
+        return NULL;
+    if ((x = PyLong_FromSsize_t(a)) == NULL)
+        goto fail;
+    PyTuple_SET_ITEM(t, 0, x);
+    if ((x = PyLong_FromSsize_t(b)) == NULL)
+        goto fail;
+    PyTuple_SET_ITEM(t, 1, x);
+    if ((x = PyLong_FromLong(c)) == NULL)
+        goto fail;
+    PyTuple_SET_ITEM(t, 2, x);
+    if ((x = PyLong_FromSsize_t(d)) == NULL)
+        goto fail;
+    PyTuple_SET_ITEM(t, 3, x);
+    return t;
+fail:
+    Py_DECREF(t);
+    return NULL;
+}
+
+static PyObject *
+tally(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer data, table;
+    Py_ssize_t pos, found = 0, last = -1;
+    long flags = 0;
+    PyObject *result = NULL;
+
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "tally(data, pos, table)");
+        return NULL;
+    }
+    pos = PyLong_AsSsize_t(args[1]);
+    if (pos == -1 && PyErr_Occurred())
+        return NULL;
+    if (PyObject_GetBuffer(args[0], &data, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[2], &table, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&data);
+        return NULL;
+    }
+    if (table.len != 256) {
+        PyErr_SetString(PyExc_ValueError, "table must be 256 bytes");
+        goto done;
+    }
+    {
+        const unsigned char *p = (const unsigned char *)data.buf;
+        const unsigned char *act = (const unsigned char *)table.buf;
+        Py_ssize_t n = data.len;
+        while (pos >= 0 && n - pos >= 5) {
+            unsigned char kind = p[pos];
+            int32_t length = frame_length(p + pos + 1);
+            unsigned char a = act[kind];
+            if (length < 4) {
+                frame_error(pos, kind, length);
+                goto done;
+            }
+            pos += 1 + (Py_ssize_t)length;
+            flags |= a;
+            if (a & 1) {
+                found++;
+                last = pos;
+            }
+        }
+    }
+    result = quad(pos, found, flags, last);
+done:
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&table);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"walk", (PyCFunction)(void (*)(void))walk, METH_FASTCALL,
      "walk(data, pos, table) -> (next, hits); see gateway_postgres.framewalk."},
     {"count", (PyCFunction)(void (*)(void))count, METH_FASTCALL,
      "count(data, pos, kind) -> (next, found); see gateway_postgres.framewalk."},
+    {"tally", (PyCFunction)(void (*)(void))tally, METH_FASTCALL,
+     "tally(data, pos, table) -> (next, found, flags, last); see gateway_postgres.framewalk."},
     {NULL, NULL, 0, NULL},
 };
 

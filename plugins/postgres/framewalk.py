@@ -2,7 +2,8 @@
 #
 # Owns: ``walk``, which reads frame headers from a position in a chunk and
 # reports the frames whose type the caller's table marks; ``count``, which
-# only counts the frames of one type; and ``Cursor``, where a walk stands
+# only counts the frames of one type; ``tally``, which counts the frames a
+# table marks and says which marks it met; and ``Cursor``, where a walk stands
 # between the chunks of one direction of a connection. The C version
 # (_framewalk.c) is used where it was built; this Python one is the fallback
 # and the oracle the tests compare it with. Must not know what a frame means.
@@ -14,7 +15,8 @@ from __future__ import annotations
 
 import struct
 
-__all__ = ["Cursor", "FrameError", "IMPLEMENTATION", "count", "count_py", "walk", "walk_py"]
+__all__ = ["Cursor", "FrameError", "IMPLEMENTATION", "count", "count_py", "tally", "tally_py",
+           "walk", "walk_py"]
 
 _len = struct.Struct("!i").unpack_from
 
@@ -79,12 +81,45 @@ def count_py(data: bytes, pos: int, kind: int) -> tuple[int, int]:
     return pos, found
 
 
+def tally_py(data: bytes, pos: int, table: bytes) -> tuple[int, int, int, int]:
+    """Step over frames as ``walk`` does, reporting in four integers only.
+
+    For a chunk that is all of one common shape (a dark session's Bind/
+    Execute/Sync batches, its primary's answers): the caller learns whether
+    it is, and how many units it holds, without a tuple per frame.
+
+    :param table: 256 bytes; each frame's entry is or-ed into ``flags``, and
+        frames whose entry has bit 1 set are counted.
+    :returns: ``(next, found, flags, last)``: ``next`` as for ``walk``;
+        ``found`` the frames counted; ``flags`` the or of the entries of
+        every frame whose header is in ``data``; ``last`` the end of the last
+        frame counted (possibly past ``len(data)``), or -1.
+    :raises FrameError: a length word below 4 (nothing is reported then).
+    """
+    n = len(data)
+    found = flags = 0
+    last = -1
+    while n - pos >= 5:
+        kind = data[pos]
+        length = _len(data, pos + 1)[0]
+        if length < 4:
+            raise FrameError(pos, kind, length)
+        pos += 1 + length
+        mark = table[kind]
+        flags |= mark
+        if mark & 1:
+            found += 1
+            last = pos
+    return pos, found, flags, last
+
+
 try:
     from ._framewalk import FrameError as _CFrameError
-    from ._framewalk import count, walk
+    from ._framewalk import count, tally, walk
 except ImportError:  # not built: the Python loop does the same
     walk = walk_py
     count = count_py
+    tally = tally_py
     IMPLEMENTATION = "python"
 else:
     FrameError = _CFrameError  # type: ignore[misc, assignment]  # noqa: F811

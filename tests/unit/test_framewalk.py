@@ -77,3 +77,29 @@ def test_count_is_walk_with_one_type_marked(data: bytes, kind: int, cut: int) ->
     head = data[:cut]
     nxt, hits = framewalk.walk_py(head, 0, table)
     assert framewalk.count(head, 0, kind) == (nxt, len(hits))
+
+
+@given(data=st.one_of(frames, st.binary(max_size=200)), table=tables,
+       pos=st.integers(0, 220))
+def test_c_and_python_tallies_agree(data: bytes, table: bytes, pos: int) -> None:
+    assert _outcome(framewalk.tally, data, pos, table) == _outcome(
+        framewalk.tally_py, data, pos, table)
+
+
+@given(data=frames, table=tables, cut=st.integers(0, 400))
+def test_tally_sums_up_what_walk_reports(data: bytes, table: bytes, cut: int) -> None:
+    head = data[:cut]
+    nxt, hits = framewalk.walk_py(head, 0, table)
+    counted = [end for kind, _, end in hits if table[kind] & 1]
+    flags = 0
+    for kind, _, _ in hits:
+        flags |= table[kind]
+    assert framewalk.tally(head, 0, table) == (
+        nxt, len(counted), flags, counted[-1] if counted else -1)
+
+
+def test_tally_reports_a_short_length_as_walk_does() -> None:
+    data = codec.sync() + b"X\x00\x00\x00\x02"
+    with pytest.raises(framewalk.FrameError) as err:
+        framewalk.tally(data, 0, bytes(256))
+    assert err.value.args == (5, ord("X"), 2)
