@@ -118,10 +118,11 @@ class MirrorStats:
 
     # Transitions. Each keeps the invariant on its own.
 
-    def offer_dropped(self, reason: DropReason) -> None:
-        """A unit offered and dropped at once (it never entered a queue)."""
-        self.offered += 1
-        self.dropped[reason] += 1
+    def offer_dropped(self, reason: DropReason, times: int = 1) -> None:
+        """A unit (``times`` units) offered and dropped at once (it never
+        entered a queue)."""
+        self.offered += times
+        self.dropped[reason] += times
 
     def offer_queued(self, size: int) -> None:
         self.offered += 1

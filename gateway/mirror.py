@@ -330,15 +330,15 @@ class MirrorSession:
             return math.inf, DropReason.QUEUE_FULL
         return 0.0, DropReason.QUEUE_FULL
 
-    def drop_unoffered(self, size: int) -> None:
-        """Count a unit of ``size`` bytes that was not cut while this mirror
-        refused units (``refusal``): the drop ``offer`` would have
-        counted, with nothing queued.
+    def drop_unoffered(self, size: int, times: int = 1) -> None:
+        """Count a unit of ``size`` bytes (``times`` such units) that was not
+        cut while this mirror refused units (``refusal``): the drop ``offer``
+        would have counted, with nothing queued.
 
         Only for units outside any group the worker has seen (the protocol
         stops cutting at a group boundary), so no drop marker is needed.
         """
-        self.stats.offer_dropped(self._refusing(size) or DropReason.QUEUE_FULL)
+        self.stats.offer_dropped(self._refusing(size) or DropReason.QUEUE_FULL, times)
 
     def extend(self, unit: Unit, chunk: bytes) -> bool:
         """Charge a chunk that ``unit`` gained; cut the unit if the budget is gone.
@@ -663,25 +663,31 @@ class MirrorSet:
         self._dark = True
         return until
 
-    def drop_unoffered(self, size: int) -> None:
+    def drop_unoffered(self, size: int, times: int = 1) -> None:
         """Count a unit that was not cut because every mirror refuses units
         (see ``down_until``): as ``offer`` would have, with nothing queued.
 
         The reasons are those ``down_until`` found: a protocol asks it again
         when the time it gave has come, at the start of its next group.
+
+        ``times`` counts that many units at once, each of them ``size``
+        bytes or fewer: a protocol that counts a run of units by their
+        number only gives the size of all of them together, and does so only
+        while no mirror's byte budget is below it (none of them is then
+        ``too_large``, so each is counted as it would be alone).
         """
         if not self._dark:
             for s in self.sessions:
-                s.drop_unoffered(size)
+                s.drop_unoffered(size, times)
         else:
             for s in self.sessions:
                 reason = s.dark_reason
                 if size > s._budget and reason is not DropReason.SHUTDOWN:
-                    s.stats.offer_dropped(DropReason.TOO_LARGE)
+                    s.stats.offer_dropped(DropReason.TOO_LARGE, times)
                 else:
-                    s.stats.offer_dropped(reason)
+                    s.stats.offer_dropped(reason, times)
         for st in self.skipped:
-            st.skipped += 1
+            st.skipped += times
 
     def extend(self, unit: Unit, chunk: bytes) -> None:
         """Add a chunk to a streamed unit that was offered already."""

@@ -127,6 +127,23 @@ def test_uncut_units_of_a_closed_set_are_shutdown_drops_whatever_their_size() ->
     assert mirror.stats.dropped[DropReason.TOO_LARGE] == 0 and mirror.stats.balanced()
 
 
+def test_a_run_of_uncut_units_is_counted_as_each_would_be() -> None:
+    from gateway.mirror import MirrorSet
+
+    (m1, _), (m2, _) = _mirror(), _mirror(queue_bytes=10)
+    skipped, _ = _mirror()
+    for ask in (False, True):  # before down_until (each session decides) and after
+        down = MirrorSet([MirrorSession(m1, DownReplayer(40.0)),
+                          MirrorSession(m2, DownReplayer(40.0))], [skipped.stats])
+        if ask:
+            assert down.down_until() == 40.0
+        down.drop_unoffered(10, 4)  # four units of at most 10 bytes
+    for m in (m1, m2):
+        assert m.stats.dropped[DropReason.MIRROR_UNAVAILABLE] == 8 and m.stats.offered == 8
+        assert m.stats.balanced()
+    assert skipped.stats.skipped == 8
+
+
 def test_a_set_whose_every_queue_is_full_is_down_until_a_queue_changes() -> None:
     from gateway.mirror import MirrorSet
 
