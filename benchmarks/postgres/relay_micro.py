@@ -54,7 +54,7 @@ def _session(mirrors: MirrorSet | None) -> PgSession:
     if mirrors is not None:
         session.mirrors = mirrors
         session.statements = StatementRegistry()
-        session._max_unit = 64 << 20
+        session._budgets(mirrors)  # every mirror's queue_bytes, as on a real session
     return session
 
 

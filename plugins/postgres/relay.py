@@ -24,7 +24,7 @@ from gateway import ClientSession, ListenerContext, MirrorSet, Unit
 
 from . import codec
 from .console import ConsoleSession, admin_database
-from .framewalk import Cursor, FrameError, count, walk
+from .framewalk import Cursor, FrameError, count, tally, walk
 from .statements import MAX_BYTES as _MAX_STATEMENT_FRAME
 
 if TYPE_CHECKING:
@@ -66,6 +66,13 @@ _FRONT_ACTIONS_OVERSIZED = _actions(unit_end=b"SQF", copy=b"dcf", statement=b"PC
 _PARSE_OR_CLOSE = _actions(unit_end=b"", copy=b"", statement=b"PC")
 # In the primary's bytes only ReadyForQuery matters.
 _BACK_ACTIONS = _actions(unit_end=b"Z", copy=b"")
+# A dark session (every mirror refuses units) counts the units of a chunk
+# in one tally when the chunk is whole Syncs and the frames they end (most
+# often Bind/Execute/Sync): 1 marks a Sync; 2 a frame that needs the full
+# scan (a Query or Parse or Close may name statements, COPY frames follow
+# the COPY, a FunctionCall ends a unit the COPY rules tell apart).
+_DARK_FRONT = bytes(1 if t == ord("S") else 2 if t in b"QFPCdcf" else 0 for t in range(256))
+_DARK_BACK = bytes(1 if t == ord("Z") else 0 for t in range(256))
 # Backend type bytes.
 _B_READY = ord("Z")
 _IDLE = ord("I")  # ReadyForQuery status: not in a transaction
@@ -158,6 +165,7 @@ class PgSession(asyncio.Protocol, ClientSession):
         self._pieces: list[bytes] = []  # bytes of the unit being cut (mirrored only)
         self._held = 0                # their size (counted past _max_unit, not kept)
         self._max_unit = 0            # the largest unit any mirror could take
+        self._min_unit = 0            # the largest unit every mirror could take
         self._open = False            # a unit has started and not been cut
         self._statements_seen = False  # the unit being cut has a Parse or Close
         # A Parse or Close whose bytes a unit over every byte budget no longer
@@ -198,7 +206,9 @@ class PgSession(asyncio.Protocol, ClientSession):
         if self._relaying:
             self.primary.write(data)  # type: ignore[union-attr]
             if self.mirrors is not None:
-                self._scan_front(data)
+                down = self._down_until
+                if not down or not self._dark_front(data, down):
+                    self._scan_front(data)
             elif self._answered_since:
                 # Unmirrored: no unit is cut; the latency of what this chunk
                 # asks runs from here to the primary's ReadyForQuery frames.
@@ -346,7 +356,8 @@ class PgSession(asyncio.Protocol, ClientSession):
         if self._relaying:
             self.client.write(data)  # type: ignore[union-attr]
             if self.mirrors is not None:
-                self._scan_back(data)
+                if not self._down_until or not self._dark_back(data):
+                    self._scan_back(data)
             else:
                 self._count_back(data)
             return
@@ -399,7 +410,7 @@ class PgSession(asyncio.Protocol, ClientSession):
             mirrors = self.handler.open_mirrors(self)
             if mirrors.sessions:
                 self.mirrors = mirrors  # it counts the skipped mirrors itself
-                self._max_unit = max(m.mirror.config.queue_bytes for m in mirrors.sessions)
+                self._budgets(mirrors)
             else:
                 self._skipped = mirrors.skipped
             self._generation = self.ctx.generation
@@ -482,6 +493,43 @@ class PgSession(asyncio.Protocol, ClientSession):
         self._open = start < n or (start == 0 and self._open)
         if start < n:
             self._hold(data, start, n)
+
+    def _dark_front(self, data: bytes, down: float) -> bool:
+        """Every mirror refuses units, and ``data`` starts at a unit boundary:
+        if it is whole units that end at Syncs, and no unit in it starts a
+        transaction where the mirrors must be asked again, count them in one
+        go, as ``_unit_end`` would one by one.
+
+        :returns: whether it did; if not, the full scan reads ``data``.
+        """
+        n = len(data)
+        # A unit boundary: no bytes held (a frame that goes on was held in
+        # part, so this also rules out data starting inside one), no split
+        # header kept, no COPY. No unit in it too large for some mirror.
+        if n > self._min_unit or self._held or self._ftail or self._copy is not _NO_COPY:
+            return False
+        try:
+            _, units, marks, last = tally(data, 0, _DARK_FRONT)
+        except FrameError:
+            return False
+        if marks != 1 or last != n:
+            return False
+        pending = self._pending
+        now = _clock()
+        if self._idle and not pending:
+            # Its first unit starts a transaction: _unit_end asks again there
+            # (or follows a reload), when the time has come or a queue changed.
+            mirrors = self.mirrors
+            if (now >= down or mirrors.asked != mirrors.changes.count  # type: ignore[union-attr]
+                    or self._generation != self.ctx.generation):
+                return False
+        self.mirrors.drop_unoffered(n, units)  # type: ignore[union-attr]
+        entry = (now, None)
+        for _ in range(units):
+            pending.append(entry)
+        self._last_unit = None
+        self._last_term = _F_SYNC
+        return True
 
     def _hold(self, data: bytes, start: int, end: int) -> None:
         """Keep client bytes that belong to a unit not yet complete."""
@@ -685,6 +733,43 @@ class PgSession(asyncio.Protocol, ClientSession):
         if bad is not None:
             self._desynchronised("primary", bad[1], bad[2])
 
+    def _dark_back(self, data: bytes) -> bool:
+        """A dark session's pending units are all uncut (None), so each
+        ReadyForQuery only completes one, and only the last one's status
+        matters: count them in one go, as ``_answered`` would one by one.
+
+        :returns: whether it did; if not, the full scan reads ``data``.
+        """
+        back = self._back
+        if back.tail:
+            return False
+        n = len(data)
+        pos = back.skip
+        if pos >= n:
+            back.skip = pos - n
+            return True
+        try:
+            pos, ready, _, last = tally(data, pos, _DARK_BACK)
+        except FrameError:
+            return False
+        pending = self._pending
+        if ready and (last > n or ready > len(pending)):
+            return False  # a status byte still to come, or an answer to nothing
+        if pos < n:
+            back.tail = data[pos:]  # a split header
+            back.skip = 0
+        else:
+            back.skip = pos - n
+        if ready:
+            stats = self.stats
+            stats.primary_units += ready
+            now = _clock()
+            observe = stats.primary_latency.observe
+            for _ in range(ready):
+                observe(now - pending.popleft()[0])
+            self._idle = data[last - 1] == _IDLE
+        return True
+
     def _count_back(self, data: bytes) -> None:
         """An unmirrored session: count the primary's ReadyForQuery frames.
 
@@ -767,7 +852,7 @@ class PgSession(asyncio.Protocol, ClientSession):
         mirrors.reconfigure(self.ctx.still_sampled, self.ctx.serving)
         self._down_until = 0.0
         if mirrors.sessions:
-            self._max_unit = max(m.mirror.config.queue_bytes for m in mirrors.sessions)
+            self._budgets(mirrors)
             return mirrors
         self._skipped = mirrors.skipped  # the mirrors sampling left out count on
         self._stop_mirroring()
@@ -775,6 +860,11 @@ class PgSession(asyncio.Protocol, ClientSession):
         self._waiting_since = _clock()
         self._answered_since = False
         return None
+
+    def _budgets(self, mirrors: MirrorSet) -> None:
+        budgets = [m.mirror.config.queue_bytes for m in mirrors.sessions]
+        self._max_unit = max(budgets)
+        self._min_unit = min(budgets)
 
     def _desynchronised(self, side: str, kind: int, length: int) -> None:
         # The primary judges client bytes itself (and will answer with an error);

@@ -80,6 +80,10 @@ class RecordingMirrors:
         self.changes = SimpleNamespace(count=0)  # bumped when a queue changes
         self.asked = -1    # changes.count when down_until was last asked
         self.questions = 0  # how often down_until was asked
+        self.reconfigured = 0  # reloads the session followed
+        # What a session's budgets are read from: one mirror, default queue_bytes.
+        self.sessions = [SimpleNamespace(mirror=SimpleNamespace(
+            config=SimpleNamespace(queue_bytes=64 * 1024 * 1024)))]
 
     def __bool__(self) -> bool:
         return True
@@ -92,12 +96,15 @@ class RecordingMirrors:
         self.questions += 1
         return self.until
 
-    def drop_unoffered(self, size: int) -> None:
-        self.unoffered.append(size)
+    def drop_unoffered(self, size: int, times: int = 1) -> None:
+        self.unoffered.extend([size] * times)
 
     def extend(self, unit: Unit, chunk: bytes) -> None:
         self.extended.append((unit, chunk))
         unit.grow(chunk)
+
+    def reconfigure(self, keep: object, serving: object = None) -> None:
+        self.reconfigured += 1
 
     def close(self) -> None:
         self.closed = True
@@ -125,6 +132,12 @@ class Context:
     def session_closed(self, session: PgSession) -> None:
         self.sessions.discard(session)
 
+    def still_sampled(self, session: object) -> bool:
+        return True  # a reload that keeps every mirror
+
+    def serving(self, skipped: list[object]) -> list[object]:
+        return skipped
+
 
 class Handler:
     def __init__(self) -> None:
@@ -150,7 +163,7 @@ class Rig:
         if mirrored:
             s.mirrors = self.mirrors  # type: ignore[assignment]
             s.statements = StatementRegistry()
-            s._max_unit = 64 * 1024 * 1024  # the default queue_bytes
+            s._max_unit = s._min_unit = 64 * 1024 * 1024  # the default queue_bytes
 
     @property
     def stats(self) -> ListenerStats:
@@ -394,7 +407,7 @@ def test_named_parse_over_the_byte_budget_is_noted_however_it_is_split(
     second = close + codec.frame(b"Q", b"SELECT 2 /* " + b"y" * 300 + b" */\0")
     for pieces, more in zip(split_ways(first, cuts), split_ways(second, cuts), strict=True):
         rig = Rig()
-        rig.session._max_unit = budget
+        rig.session._max_unit = rig.session._min_unit = budget
         rig.send(pieces)
         assert rig.session.statements.get(name) == parse
         rig.send(more)
@@ -460,6 +473,18 @@ def test_ready_for_query_with_nothing_pending_is_ignored() -> None:
     rig.send([codec.query("SELECT 1")])
     rig.answer([codec.ready_for_query(b"I")])
     assert rig.offered[0].settled and rig.stats.primary_units == 1
+
+
+def test_ready_for_query_with_nothing_pending_is_ignored_in_a_dark_session() -> None:
+    rig = Rig()
+    rig.mirrors.down, rig.mirrors.until = True, float("inf")
+    rig.send([codec.query("SELECT 1")])
+    rig.answer([codec.ready_for_query(b"I")])  # refused at a boundary: dark
+    rig.answer([codec.ready_for_query(b"T")])
+    rig.send([bind(b"s") + execute() + codec.sync()])
+    rig.answer([codec.ready_for_query(b"I"), codec.ready_for_query(b"T")])
+    assert rig.stats.primary_units == 2 and rig.session._idle
+    assert len(rig.mirrors.unoffered) == 1 and not rig.session._pending
 
 
 # --- 4. COPY -----------------------------------------------------------------------
@@ -707,3 +732,132 @@ def test_a_full_queue_is_asked_again_only_once_a_queue_changed() -> None:
     assert m.questions == 2
     assert len(m.offered) == 2 and m.offered[-1].data == codec.query("SELECT 6")
     assert len(m.unoffered) == 5
+
+
+# --- 6. a dark session's one-tally path ---------------------------------------------
+
+# What may happen to the mirrors between two request cycles.
+mirror_event_st = st.sampled_from(
+    ["none", "queue_changed", "full", "backoff", "back", "reload"])
+# Request cycles as pgbench -M prepared sends them: no Parse, Close or Query.
+plain_item_st = st.one_of(
+    st.just([bind(b"P0_1"), execute(), codec.sync()]),
+    st.builds(lambda n: [bind(n), describe(n), execute(), codec.flush(), codec.sync()],
+              names_st),
+)
+
+
+def _apply(rig: Rig, event: str, now: float) -> None:
+    m = rig.mirrors
+    if event == "reload":
+        rig.session.ctx.generation += 1
+    elif event == "queue_changed":
+        m.changes.count += 1
+    elif event == "full":
+        m.down, m.until = True, float("inf")
+    elif event == "backoff":
+        m.down, m.until = True, now + 1.0
+    elif event == "back":
+        m.down, m.until = False, 0.0
+
+
+def _observed(rig: Rig) -> tuple[object, ...]:
+    s, m = rig.session, rig.mirrors
+    return (m.questions, len(m.unoffered), [u.data for u in m.offered],
+            [u.settled for u in m.offered], rig.stats.primary_units,
+            rig.stats.primary_latency.count, dict(s.statements._parses), s._idle,
+            len(s._pending), s._down_until, m.reconfigured, rig.primary.data, rig.client.data)
+
+
+@relay_settings
+@given(
+    rounds=st.lists(
+        st.tuples(st.lists(st.one_of(plain_item_st, item_st), min_size=1, max_size=3),
+                  st.lists(status_st, max_size=3),
+                  mirror_event_st, st.sampled_from(["whole", "messages", "cuts"])),
+        min_size=1, max_size=8),
+    cuts=cuts_st,
+)
+def test_a_dark_session_counts_as_the_full_scan_does(
+    rounds: list[tuple[list[list[bytes]], list[bytes], str, str]], cuts: list[int]
+) -> None:
+    # The same traffic and the same mirror events, through a session that may
+    # count whole Sync-ended chunks in one tally and one that always scans
+    # frame by frame: the mirrors are asked at the same units, the same units
+    # are offered and counted, the primary's answers settle the same way.
+    clock = [100.0]
+    relay_module._clock = lambda: clock[0]  # type: ignore[attr-defined]
+    try:
+        tallying, scanning = Rig(), Rig()
+        scanning.session._dark_front = lambda data, down: False  # type: ignore[method-assign]
+        scanning.session._dark_back = lambda data: False  # type: ignore[method-assign]
+        for rig in (tallying, scanning):
+            rig.mirrors.down, rig.mirrors.until = True, float("inf")
+        for items, statuses, event, split in rounds:
+            messages = [m for item in items for m in item]
+            units = sum(1 for m in messages if m[0] in TERMINATORS)
+            answer = b"".join(b"2\0\0\0\4" + codec.ready_for_query(statuses[i % len(statuses)]
+                                                                    if statuses else b"I")
+                              for i in range(units))
+            client = b"".join(messages)
+            sent = {"whole": [client], "messages": messages}.get(split) or chunks(client, cuts)
+            answered = [answer] if split == "whole" else chunks(answer, cuts)
+            for rig in (tallying, scanning):
+                _apply(rig, event, clock[0])
+                rig.send(sent)
+                rig.answer(answered)
+            clock[0] += 0.5
+            assert _observed(tallying) == _observed(scanning)
+    finally:
+        relay_module._clock = time.monotonic  # type: ignore[attr-defined]
+
+
+def test_a_dark_session_counts_bind_execute_sync_chunks_without_the_frame_scan(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rig = Rig()
+    m = rig.mirrors
+    m.down, m.until = True, float("inf")  # queues full
+    rig.send([codec.query("SELECT 0")])
+    rig.answer([IDLE])  # refused at a boundary: the session goes dark
+    cycle = bind(b"s") + execute() + codec.sync()
+
+    def no_scan(*args: object) -> None:
+        raise AssertionError("the frame-by-frame scan ran")
+
+    monkeypatch.setattr(relay_module, "walk", no_scan)
+    monkeypatch.setattr(PgSession, "_scan_back", no_scan)
+    for _ in range(3):  # one cycle per chunk, then two pipelined in one
+        rig.send([cycle])
+        rig.answer([PARSE_BIND_COMPLETE + command_complete("SELECT 1") + IDLE])
+    rig.send([cycle + cycle])
+    rig.answer([IN_TX + command_complete("SELECT 1"), IN_TX])
+    assert len(m.unoffered) == 5 and len(m.offered) == 1
+    assert rig.stats.primary_units == 6 and rig.stats.primary_latency.count == 6
+    assert not rig.session._pending and not rig.session._idle
+    assert m.questions == 1
+    assert rig.primary.data.endswith(cycle + cycle)
+
+
+def test_a_dark_session_tallies_only_from_a_frame_boundary() -> None:
+    # A Bind whose parameter value holds bytes that read as a Flush frame, cut
+    # just before them: the rest of the chunk would tally as Flush, Execute,
+    # Sync. The session knows it is inside the Bind and scans it instead.
+    rig = Rig()
+    m = rig.mirrors
+    m.down, m.until = True, float("inf")
+    rig.send([codec.query("SELECT 0")])
+    rig.answer([IDLE])
+    # Only the header counts to the relay: the body ends in the look-alike.
+    cycle = codec.frame(b"B", b"\0s\0" + b"v" * 7 + codec.flush()) + execute() + codec.sync()
+    cut = cycle.index(codec.flush())
+    rig.send([cycle[:cut], cycle[cut:]])
+    rig.answer([IDLE])
+    rig.send([cycle])
+    rig.answer([IDLE])
+    parse = codec.parse(b"s2", b"SELECT 2")
+    rig.send([parse + bind(b"s2") + execute() + codec.sync()])
+    rig.answer([IDLE])
+    assert len(m.unoffered) == 3 and rig.stats.primary_units == 4
+    assert not rig.session._pending and rig.session._fskip == 0
+    assert rig.session.statements.get(b"s2") == parse
