@@ -332,6 +332,63 @@ def test_mirror_restarted_mid_session_is_used_again_after_backoff(
         own.close()
 
 
+def test_statements_prepared_while_the_mirror_was_away_are_prepared_there_on_its_return(
+    launch: Launcher, pg_primary: PgCluster, pg_mirror: PgCluster, fresh_db: str
+) -> None:
+    # While its mirror is away a session is dark: it counts each Bind/Execute/
+    # Sync cycle without cutting it, yet still follows the statements the
+    # client prepares. When the mirror is back, both the statement prepared
+    # before it left and the one prepared while it was away are prepared
+    # again on the new mirror connection before they are bound.
+    for cluster in (pg_primary, pg_mirror):
+        cluster.execute("CREATE TABLE t (x int)", fresh_db)
+    proxy = DelayProxy("127.0.0.1", pg_mirror.port)
+    try:
+        ports = GatewayPorts()
+        gw = launch(pg_config(ports, ("127.0.0.1", pg_primary.port),
+                              [_mirror("127.0.0.1", proxy.port, timeout="2s")]), ports)
+        insert, shifted = "INSERT INTO t VALUES (%s)", "INSERT INTO t VALUES (%s + 1000)"
+        with psycopg.connect(_dsn(ports, fresh_db), autocommit=True,
+                             prepare_threshold=0) as conn:
+            for i in range(3):
+                conn.execute(insert, (i,))
+            assert wait_at_rest(gw, MIRROR).delivered["ok"] >= 3
+
+            proxy.retarget("127.0.0.1", free_port())  # nothing listens there
+            pg_mirror.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                              "WHERE backend_type = 'client backend' "
+                              "AND pid <> pg_backend_pid()")
+            for i in range(10, 30):
+                conn.execute(insert, (i,))
+            for i in range(30, 40):
+                conn.execute(shifted, (i,))  # prepared while the mirror is away
+            away = wait_at_rest(gw, MIRROR)
+            assert away.dropped["mirror_unavailable"] >= 25, away
+
+            proxy.retarget("127.0.0.1", pg_mirror.port)
+            delivered = away.delivered_total
+            i = 100
+            deadline = time.monotonic() + 40
+            while wait_at_rest(gw, MIRROR).delivered_total == delivered:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"the mirror never came back: {counts(gw, MIRROR)}")
+                time.sleep(0.2)
+                conn.execute(insert, (i,))
+                i += 1
+            conn.execute(insert, (200,))
+            conn.execute(shifted, (201,))
+        c = wait_at_rest(gw, MIRROR, clients=0)
+        assert_balanced(c)
+        mirrored = {int(x) for x in pg_mirror.psql("SELECT x FROM t", fresh_db).split()}
+        assert {0, 1, 2, 200, 1201} <= mirrored, mirrored
+        assert not mirrored & (set(range(10, 30)) | set(range(1030, 1040)))
+        # Both statements were bound on the new connection without an error:
+        # each was prepared there first.
+        assert c.delivered["error"] == 0, c
+    finally:
+        proxy.close()
+
+
 def test_primary_unreachable_is_a_clear_08006_error(launch: Launcher) -> None:
     ports = GatewayPorts()
     dead = free_port()
