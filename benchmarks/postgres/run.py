@@ -3,10 +3,11 @@
 # Owns: the whole run in one go, as bench-anchors.md describes: throwaway
 # primary and mirror clusters (pgbench -i -s 5), pgbouncer 1.18 in session
 # mode, the bare byte pump (pump.py), a hung mirror (accepts, never reads),
-# and the gateway in three configs; then pgbench against every path,
-# alternating the paths within each round, and a table of TPS, p99 latency
-# and peak RSS as ratios to pgbouncer. Knows the gateway only through its
-# CLI, config file and /metrics (tests/support/gateway.py).
+# a down one (refuses connections), and the gateway in four configs; then
+# pgbench against every path, alternating the paths within each round, and a
+# table of TPS, p99 latency and peak RSS as ratios to pgbouncer. Knows the
+# gateway only through its CLI, config file and /metrics
+# (tests/support/gateway.py).
 #
 #   python benchmarks/postgres/run.py [--rounds 2] [--duration 6] [--only direct,pump]
 from __future__ import annotations
@@ -55,6 +56,7 @@ PATHS = [
     "mirrorgate-nomirror",
     "mirrorgate-mirror",
     "mirrorgate-hung",
+    "mirrorgate-down",
 ]
 WORKLOADS = {"select-only": ["-S"], "tpcb-like": []}
 DB = "bench"
@@ -96,6 +98,7 @@ class Bench:
     results: dict[tuple[str, str], list[Run]] = field(default_factory=dict)
     failures: dict[tuple[str, str], str] = field(default_factory=dict)
     hung: HungMirror | None = None
+    down: DownMirror | None = None
 
 
 # -- the servers ---------------------------------------------------------------
@@ -197,6 +200,19 @@ class HungMirror:
             conn.close()
 
 
+class DownMirror:
+    """A port where connections are refused: bound and never listening, so no
+    other process takes it during the run."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 def gateway_config(primary: PgCluster, mirror_port: int | None, password: str) -> tuple[str, int]:
     port, admin = free_port(), free_port()
     text = (
@@ -251,6 +267,9 @@ def setup_path(bench: Bench, name: str) -> Target:
     if name == "mirrorgate-hung":
         bench.hung = bench.hung or HungMirror()
         return start_gateway(bench, name, bench.hung.port)
+    if name == "mirrorgate-down":
+        bench.down = bench.down or DownMirror()
+        return start_gateway(bench, name, bench.down.port)
     raise ValueError(name)
 
 
@@ -389,7 +408,7 @@ def summary(bench: Bench,
 
 # The comparisons the targets are stated in, as (path, against).
 PAIRED = (("mirrorgate-nomirror", "pgbouncer"), ("pump", "pgbouncer"),
-          ("mirrorgate-hung", "mirrorgate-nomirror"))
+          ("mirrorgate-hung", "mirrorgate-nomirror"), ("mirrorgate-down", "mirrorgate-nomirror"))
 
 
 def per_round(bench: Bench, a: str, b: str, workload: str) -> list[float]:
@@ -531,6 +550,8 @@ def main(argv: list[str] | None = None) -> int:
                 path.stop()
         if bench.hung:
             bench.hung.close()
+        if bench.down:
+            bench.down.close()
         for cluster in bench.clusters:
             cluster.close()
         if args.keep:
