@@ -740,6 +740,8 @@ class PgSession(asyncio.Protocol, ClientSession):
 
         :returns: whether it did; if not, the full scan reads ``data``.
         """
+        # Cursor.walk's steps, as in _count_back, with tally() for walk():
+        # this runs per chunk of a dark session, so the steps are not a call.
         back = self._back
         if back.tail:
             return False
