@@ -1,22 +1,24 @@
 # What every benchmark script does the same way: read a relay process's tree
 # and CPU time from /proc, stop a child process or a gateway, wait for a
-# gateway's mirrors to drain, and quote logs and errors in a report.
+# gateway's mirrors to drain, say how far a median of rounds can be trusted,
+# and quote logs and errors in a report.
 from __future__ import annotations
 
 import argparse
 import glob
+import math
 import os
 import signal
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from tests.support.gateway import GatewayError, GatewayProcess
 
 __all__ = [
-    "brief", "cpu_seconds", "cpu_split", "family", "last_lines", "stop_gateway", "tail",
-    "terminate", "wait_drained",
+    "brief", "cpu_seconds", "cpu_split", "family", "last_lines", "median_interval",
+    "stop_gateway", "tail", "terminate", "wait_drained",
 ]
 
 
@@ -110,6 +112,33 @@ def brief(error: str) -> str:
     lines = error.strip().splitlines() or ["?"]
     text = lines[0] if len(lines) == 1 else f"{lines[0].split(':')[0]}: {lines[-1].strip()}"
     return text.replace("|", "\\|")
+
+
+def median_interval(values: Sequence[float], want: float = 0.9
+                    ) -> tuple[float, float, float]:
+    """Where the median of what ``values`` sample lies, without assuming a
+    distribution: between the k-th smallest and the k-th largest value.
+
+    Each value is above the true median with chance 1/2, independently, so
+    the interval misses it only if fewer than k values fall on one side:
+    coverage = 1 - 2 * P(Binomial(n, 1/2) < k). k is the largest whose
+    coverage is at least ``want`` (1 if none is: with few rounds the whole
+    range, and its coverage says how little that is).
+
+    :returns: ``(low, high, coverage)``.
+    """
+    xs = sorted(values)
+    n = len(xs)
+    if not n:
+        raise ValueError("no values")
+
+    def coverage(k: int) -> float:
+        return 1.0 - 2.0 * sum(math.comb(n, i) for i in range(k)) / 2.0 ** n
+
+    k = 1
+    while k + 1 <= (n + 1) // 2 and coverage(k + 1) >= want:
+        k += 1
+    return xs[k - 1], xs[n - k], coverage(k)
 
 
 def choose_paths(parser: argparse.ArgumentParser, args: argparse.Namespace,

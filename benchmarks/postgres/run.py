@@ -40,6 +40,7 @@ from benchmarks.common import (  # noqa: E402
     failures_section,
     family,
     last_lines,
+    median_interval,
     stop_gateway,
     tail,
     terminate,
@@ -463,11 +464,17 @@ def report(bench: Bench) -> str:
             ratios = per_round(bench, path, against, workload)
             if ratios:
                 each = ", ".join(f"{r:.2f}" for r in ratios)
-                paired.append(f"- {path} / {against}, {workload}: {each} "
-                              f"(median {statistics.median(ratios):.2f})")
+                middle = f"median {statistics.median(ratios):.2f}"
+                if len(ratios) > 1:
+                    low, high, cover = median_interval(ratios)
+                    middle += f"; {cover:.0%} interval {low:.2f}-{high:.2f}"
+                paired.append(f"- {path} / {against}, {workload}: {each} ({middle})")
     if paired:
         lines += ["", "TPS ratios paired by round (the two runs of a pair are seconds "
-                      "apart, so slower drifts of the machine cancel out):", "", *paired]
+                      "apart, so slower drifts of the machine cancel out), with an "
+                      "interval that holds the true median ratio with the chance "
+                      "given (distribution-free, rounds taken as independent):",
+                  "", *paired]
     missed = []
     for (name, workload), runs in bench.results.items():
         totals: dict[str, float] = {}
