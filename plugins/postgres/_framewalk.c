@@ -26,27 +26,22 @@ frame_error(Py_ssize_t begin, unsigned char kind, int32_t length)
     }
 }
 
-/* (a, b, c) from three integers; built directly, as Py_BuildValue parses its
- * format string on every call and this runs once per reported frame. */
-static PyObject *
-triple(long a, Py_ssize_t b, Py_ssize_t c)
+/* A tuple of n integers, built directly: Py_BuildValue parses its format
+ * string on every call, and walk builds one per reported frame. */
+static inline PyObject *
+ints(Py_ssize_t n, const Py_ssize_t *values)
 {
-    PyObject *t = PyTuple_New(3), *x;
+    PyObject *t = PyTuple_New(n), *x;
     if (t == NULL)
         return NULL;
-    if ((x = PyLong_FromLong(a)) == NULL)
-        goto fail;
-    PyTuple_SET_ITEM(t, 0, x);
-    if ((x = PyLong_FromSsize_t(b)) == NULL)
-        goto fail;
-    PyTuple_SET_ITEM(t, 1, x);
-    if ((x = PyLong_FromSsize_t(c)) == NULL)
-        goto fail;
-    PyTuple_SET_ITEM(t, 2, x);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if ((x = PyLong_FromSsize_t(values[i])) == NULL) {
+            Py_DECREF(t);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(t, i, x);
+    }
     return t;
-fail:
-    Py_DECREF(t);
-    return NULL;
 }
 
 static PyObject *
@@ -68,6 +63,34 @@ pair(Py_ssize_t a, PyObject *b)  /* steals b */
     return t;
 }
 
+/* The arguments of walk and tally: (data, pos, table). On success both
+ * buffers are held, and the caller releases them. */
+static inline int
+table_args(PyObject *const *args, Py_ssize_t nargs, const char *usage,
+           Py_buffer *data, Py_ssize_t *pos, Py_buffer *table)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, usage);
+        return -1;
+    }
+    *pos = PyLong_AsSsize_t(args[1]);
+    if (*pos == -1 && PyErr_Occurred())
+        return -1;
+    if (PyObject_GetBuffer(args[0], data, PyBUF_SIMPLE) < 0)
+        return -1;
+    if (PyObject_GetBuffer(args[2], table, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(data);
+        return -1;
+    }
+    if (table->len != 256) {
+        PyErr_SetString(PyExc_ValueError, "table must be 256 bytes");
+        PyBuffer_Release(data);
+        PyBuffer_Release(table);
+        return -1;
+    }
+    return 0;
+}
+
 static PyObject *
 walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -75,23 +98,8 @@ walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t pos;
     PyObject *hits = NULL, *result = NULL;
 
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "walk(data, pos, table)");
+    if (table_args(args, nargs, "walk(data, pos, table)", &data, &pos, &table) < 0)
         return NULL;
-    }
-    pos = PyLong_AsSsize_t(args[1]);
-    if (pos == -1 && PyErr_Occurred())
-        return NULL;
-    if (PyObject_GetBuffer(args[0], &data, PyBUF_SIMPLE) < 0)
-        return NULL;
-    if (PyObject_GetBuffer(args[2], &table, PyBUF_SIMPLE) < 0) {
-        PyBuffer_Release(&data);
-        return NULL;
-    }
-    if (table.len != 256) {
-        PyErr_SetString(PyExc_ValueError, "table must be 256 bytes");
-        goto done;
-    }
     hits = PyList_New(0);
     if (hits == NULL)
         goto done;
@@ -110,7 +118,7 @@ walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             }
             pos += 1 + (Py_ssize_t)length;
             if (act[kind]) {
-                PyObject *hit = triple(kind, begin, pos);
+                PyObject *hit = ints(3, (Py_ssize_t[]){kind, begin, pos});
                 if (hit == NULL || PyList_Append(hits, hit) < 0) {
                     Py_XDECREF(hit);
                     Py_CLEAR(hits);
@@ -166,31 +174,6 @@ count(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return pair(pos, PyLong_FromSsize_t(found));
 }
 
-/* (a, b, c, d) from four integers. */
-static PyObject *
-quad(Py_ssize_t a, Py_ssize_t b, long c, Py_ssize_t d)
-{
-    PyObject *t = PyTuple_New(4), *x;
-    if (t == NULL)
-        return NULL;
-    if ((x = PyLong_FromSsize_t(a)) == NULL)
-        goto fail;
-    PyTuple_SET_ITEM(t, 0, x);
-    if ((x = PyLong_FromSsize_t(b)) == NULL)
-        goto fail;
-    PyTuple_SET_ITEM(t, 1, x);
-    if ((x = PyLong_FromLong(c)) == NULL)
-        goto fail;
-    PyTuple_SET_ITEM(t, 2, x);
-    if ((x = PyLong_FromSsize_t(d)) == NULL)
-        goto fail;
-    PyTuple_SET_ITEM(t, 3, x);
-    return t;
-fail:
-    Py_DECREF(t);
-    return NULL;
-}
-
 static PyObject *
 tally(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -199,23 +182,8 @@ tally(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     long flags = 0;
     PyObject *result = NULL;
 
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "tally(data, pos, table)");
+    if (table_args(args, nargs, "tally(data, pos, table)", &data, &pos, &table) < 0)
         return NULL;
-    }
-    pos = PyLong_AsSsize_t(args[1]);
-    if (pos == -1 && PyErr_Occurred())
-        return NULL;
-    if (PyObject_GetBuffer(args[0], &data, PyBUF_SIMPLE) < 0)
-        return NULL;
-    if (PyObject_GetBuffer(args[2], &table, PyBUF_SIMPLE) < 0) {
-        PyBuffer_Release(&data);
-        return NULL;
-    }
-    if (table.len != 256) {
-        PyErr_SetString(PyExc_ValueError, "table must be 256 bytes");
-        goto done;
-    }
     {
         const unsigned char *p = (const unsigned char *)data.buf;
         const unsigned char *act = (const unsigned char *)table.buf;
@@ -236,7 +204,7 @@ tally(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             }
         }
     }
-    result = quad(pos, found, flags, last);
+    result = ints(4, (Py_ssize_t[]){pos, found, flags, last});
 done:
     PyBuffer_Release(&data);
     PyBuffer_Release(&table);

@@ -103,3 +103,18 @@ def test_tally_reports_a_short_length_as_walk_does() -> None:
     with pytest.raises(framewalk.FrameError) as err:
         framewalk.tally(data, 0, bytes(256))
     assert err.value.args == (5, ord("X"), 2)
+
+
+@pytest.mark.parametrize("name", ["walk", "tally"])
+def test_the_c_loops_refuse_a_table_that_is_not_256_bytes(name: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("gateway_postgres._framewalk") is None:
+        pytest.skip("C helper not built here")
+    from gateway_postgres import _framewalk
+
+    fn = getattr(_framewalk, name)
+    with pytest.raises(ValueError, match="256 bytes"):
+        fn(codec.sync(), 0, bytes(255))
+    with pytest.raises(TypeError, match=rf"{name}\(data, pos, table\)"):
+        fn(codec.sync(), 0)
