@@ -64,7 +64,8 @@ _FRONT_ACTIONS = _actions(unit_end=b"SQF", copy=b"dcf", mark=b"PC")
 # While a unit is over the byte budget, Parse and Close must be seen too.
 _FRONT_ACTIONS_OVERSIZED = _actions(unit_end=b"SQF", copy=b"dcf", statement=b"PC")
 _PARSE_OR_CLOSE = _actions(unit_end=b"", copy=b"", statement=b"PC")
-# In the primary's bytes only ReadyForQuery matters.
+# In the primary's bytes only ReadyForQuery matters (marked 1, as tally
+# counts it too).
 _BACK_ACTIONS = _actions(unit_end=b"Z", copy=b"")
 # A dark session (every mirror refuses units) counts the units of a chunk
 # in one tally when the chunk is whole Syncs and the frames they end (most
@@ -72,7 +73,6 @@ _BACK_ACTIONS = _actions(unit_end=b"Z", copy=b"")
 # scan (a Query or Parse or Close may name statements, COPY frames follow
 # the COPY, a FunctionCall ends a unit the COPY rules tell apart).
 _DARK_FRONT = bytes(1 if t == ord("S") else 2 if t in b"QFPCdcf" else 0 for t in range(256))
-_DARK_BACK = bytes(1 if t == ord("Z") else 0 for t in range(256))
 # Backend type bytes.
 _B_READY = ord("Z")
 _IDLE = ord("I")  # ReadyForQuery status: not in a transaction
@@ -751,7 +751,7 @@ class PgSession(asyncio.Protocol, ClientSession):
             back.skip = pos - n
             return True
         try:
-            pos, ready, _, last = tally(data, pos, _DARK_BACK)
+            pos, ready, _, last = tally(data, pos, _BACK_ACTIONS)
         except FrameError:
             return False
         pending = self._pending
