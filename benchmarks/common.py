@@ -1,7 +1,7 @@
 # What every benchmark script does the same way: read a relay process's tree
-# and CPU time from /proc, stop a child process or a gateway, wait for a
-# gateway's mirrors to drain, say how far a median of rounds can be trusted,
-# and quote logs and errors in a report.
+# and CPU time from /proc, start the bare pump, stop a child process or a
+# gateway, wait for a gateway's mirrors to drain, say how far a median of
+# rounds can be trusted, and quote logs and errors in a report.
 from __future__ import annotations
 
 import argparse
@@ -10,16 +10,20 @@ import math
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from tests.support.gateway import GatewayError, GatewayProcess
+from tests.support.net import free_port, wait_listening
 
 __all__ = [
     "brief", "cpu_seconds", "cpu_split", "family", "last_lines", "median_interval",
-    "stop_gateway", "tail", "terminate", "wait_drained",
+    "start_pump", "stop_gateway", "tail", "terminate", "wait_drained",
 ]
+
+PUMP = Path(__file__).resolve().parent / "pump.py"
 
 
 def family(pid: int) -> list[int]:
@@ -60,6 +64,27 @@ def cpu_seconds(pid: int | None) -> float | None:
     """User + system CPU time of ``pid`` and its descendants so far (None: no pid)."""
     split = cpu_split(pid)
     return None if split is None else split[0] + split[1]
+
+
+def start_pump(log: Path, upstream: int, tee: int | None = None
+               ) -> tuple[int, subprocess.Popen[bytes], str | None]:
+    """Start the bare byte pump (pump.py) in front of 127.0.0.1:``upstream``,
+    teeing every client byte to 127.0.0.1:``tee`` if given, its output in
+    ``log``.
+
+    :returns: its port, its process, and why it did not start (or None).
+    """
+    port = free_port()
+    cmd = [sys.executable, str(PUMP), "--listen", f"127.0.0.1:{port}",
+           "--upstream", f"127.0.0.1:{upstream}"]
+    if tee is not None:
+        cmd += ["--tee", f"127.0.0.1:{tee}"]
+    proc = subprocess.Popen(cmd, stdout=open(log, "wb"),  # noqa: SIM115 - the child holds it
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    if not wait_listening("127.0.0.1", port, timeout=10) or proc.poll() is not None:
+        terminate(proc)
+        return port, proc, f"{log.stem} did not start: " + tail(log)
+    return port, proc, None
 
 
 def stop_gateway(gw: GatewayProcess) -> None:

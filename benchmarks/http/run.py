@@ -37,6 +37,7 @@ from benchmarks.common import (  # noqa: E402
     cpu_seconds,
     failures_section,
     last_lines,
+    start_pump,
     stop_gateway,
     tail,
     terminate,
@@ -59,7 +60,6 @@ PATHS = [
 HERE = Path(__file__).resolve().parent
 POST_LUA = HERE / "post.lua"
 SLOW_SERVER = HERE / "slow_server.py"
-PUMP = HERE.parent / "pump.py"
 OUT = REPO_ROOT / "benchmarks" / "out" / "http.md"
 URL_PATH = "/api/v1/push"  # what Prometheus remote write posts to; every server answers any path
 LISTENER = "http"
@@ -264,28 +264,16 @@ def start_front(bench: Bench, names: list[str]) -> dict[str, Target]:
     return targets
 
 
-def start_pump(bench: Bench, name: str, tee: int | None) -> Target:
-    """The bare byte pump (../pump.py) in front of the primary; teeing every
-    client byte to the fast mirror if ``tee`` is its port."""
+def pump_path(bench: Bench, name: str, tee: int | None) -> Target:
+    """The bare byte pump in front of the primary; teeing every client byte
+    to the fast mirror if ``tee`` is its port."""
     s = bench.servers
     assert s is not None
-    port = free_port()
-    log = bench.workdir / f"{name}.log"
-    cmd = [sys.executable, str(PUMP), "--listen", f"127.0.0.1:{port}",
-           "--upstream", f"127.0.0.1:{s.primary}"]
-    if tee is not None:
-        cmd += ["--tee", f"127.0.0.1:{tee}"]
-    proc = subprocess.Popen(
-        cmd,
-        stdout=open(log, "wb"),  # noqa: SIM115 - the child holds it
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-    )
+    port, proc, error = start_pump(bench.workdir / f"{name}.log", s.primary, tee)
     path = Target(name, port, stop=functools.partial(terminate, proc),
                   relay_pid=lambda: proc.pid)
-    if not wait_listening("127.0.0.1", port, timeout=10) or proc.poll() is not None:
-        terminate(proc)
-        path.error = f"{name} did not start: " + tail(log)
+    if error:
+        path.error = error
     return path
 
 
@@ -364,9 +352,9 @@ def setup_paths(bench: Bench) -> None:
         elif name in fronts:
             path = fronts[name]
         elif name == "pump":
-            path = start_pump(bench, name, None)
+            path = pump_path(bench, name, None)
         elif name == "pump-mirror":
-            path = start_pump(bench, name, s.mirror)
+            path = pump_path(bench, name, s.mirror)
         elif name == "mirrorgate-nomirror":
             path = start_gateway(bench, name, None)
         elif name == "mirrorgate-mirror":

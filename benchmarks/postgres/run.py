@@ -41,6 +41,7 @@ from benchmarks.common import (  # noqa: E402
     family,
     last_lines,
     median_interval,
+    start_pump,
     stop_gateway,
     tail,
     terminate,
@@ -155,26 +156,11 @@ def start_pgbouncer(workdir: Path, primary: PgCluster) -> Target:
     return path
 
 
-def start_pump(workdir: Path, primary: PgCluster) -> Target:
-    port = free_port()
-    log = workdir / "pump.log"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(Path(__file__).parents[1] / "pump.py"),
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--upstream",
-            f"127.0.0.1:{primary.port}",
-        ],
-        stdout=open(log, "wb"),  # noqa: SIM115
-        stderr=subprocess.STDOUT,
-    )
-    ok = wait_listening("127.0.0.1", port, timeout=10)
+def pump_path(workdir: Path, primary: PgCluster) -> Target:
+    port, proc, error = start_pump(workdir / "pump.log", primary.port)
     path = Target("pump", port, proc.pid, stop=lambda: terminate(proc))
-    if not ok or proc.poll() is not None:
-        terminate(proc)
-        path.error = "pump did not start: " + tail(log)
+    if error:
+        path.error = error
     return path
 
 
@@ -257,7 +243,7 @@ def setup_path(bench: Bench, name: str) -> Target:
     if name == "pgbouncer":
         return start_pgbouncer(bench.workdir, primary)
     if name == "pump":
-        return start_pump(bench.workdir, primary)
+        return pump_path(bench.workdir, primary)
     if name == "mirrorgate-nomirror":
         return start_gateway(bench, name, None)
     if name == "mirrorgate-mirror":
