@@ -12,17 +12,13 @@ from __future__ import annotations
 import signal
 import socket
 import socketserver
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.net import free_port, wait_listening
-
-PUMP = Path(__file__).resolve().parents[2] / "benchmarks" / "pump.py"
+from benchmarks.common import start_pump
 
 
 class _Server(socketserver.ThreadingTCPServer):
@@ -65,17 +61,13 @@ def servers() -> Iterator[tuple[_Server, _Server]]:
 
 
 def test_teeing_pump_copies_client_bytes_to_both_and_answers_from_the_primary(
-    servers: tuple[_Server, _Server],
+    servers: tuple[_Server, _Server], tmp_path: Path,
 ) -> None:
     primary, mirror = servers
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, str(PUMP), "--listen", f"127.0.0.1:{port}",
-         "--upstream", f"127.0.0.1:{primary.server_address[1]}",
-         "--tee", f"127.0.0.1:{mirror.server_address[1]}"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "pump.log"
+    port, proc, error = start_pump(log, primary.server_address[1], mirror.server_address[1])
     try:
-        assert wait_listening("127.0.0.1", port, timeout=10)
+        assert error is None, error
         sent = b"".join(b"request %d;" % i for i in range(200))
         got = bytearray()
         with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
@@ -92,6 +84,7 @@ def test_teeing_pump_copies_client_bytes_to_both_and_answers_from_the_primary(
         assert bytes(mirror.received) == sent
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=10)
+        proc.wait(timeout=10)
+    out = log.read_text()
     assert proc.returncode == 0, out
     assert "mirror connections cut off for falling behind: 0" in out
