@@ -273,6 +273,22 @@ def test_mirror_that_errors_delivers_error_outcomes_and_client_is_unaffected(
     assert_balanced(c)
 
 
+def _insert_until_mirrored(gw: Any, conn: psycopg.Connection[Any], sql: str, first: int,
+                           delivered: float) -> int:
+    """Run ``sql`` with ``first``, ``first + 1``, ... until the mirror has
+    delivered more than ``delivered`` units ok (its backoff over, 40 s at
+    most). :returns: the next value."""
+    i = first
+    deadline = time.monotonic() + 40
+    while wait_at_rest(gw, MIRROR).delivered["ok"] == delivered:
+        if time.monotonic() > deadline:
+            pytest.fail(f"the mirror never came back: {counts(gw, MIRROR)}")
+        conn.execute(sql, (i,))
+        i += 1
+        time.sleep(0.2)
+    return i
+
+
 def test_mirror_restarted_mid_session_is_used_again_after_backoff(
     launch: Launcher, pg_primary: PgCluster, fresh_db: str
 ) -> None:
@@ -305,15 +321,7 @@ def test_mirror_restarted_mid_session_is_used_again_after_backoff(
 
             own.start()
             proxy.retarget("127.0.0.1", own.port)
-            i = 6
-            deadline = time.monotonic() + 40
-            while counts(gw, MIRROR).delivered["ok"] == 3:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"the mirror never came back: {counts(gw, MIRROR)}")
-                conn.execute("INSERT INTO t VALUES (%s)", (i,))
-                i += 1
-                wait_at_rest(gw, MIRROR)
-                time.sleep(0.2)
+            i = _insert_until_mirrored(gw, conn, "INSERT INTO t VALUES (%s)", 6, 3)
             # Once back, every later unit is delivered.
             ok = counts(gw, MIRROR).delivered["ok"]
             for j in range(i, i + 3):
@@ -366,15 +374,7 @@ def test_statements_prepared_while_the_mirror_was_away_are_prepared_there_on_its
             assert away.dropped["mirror_unavailable"] >= 25, away
 
             proxy.retarget("127.0.0.1", pg_mirror.port)
-            delivered = away.delivered_total
-            i = 100
-            deadline = time.monotonic() + 40
-            while wait_at_rest(gw, MIRROR).delivered_total == delivered:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"the mirror never came back: {counts(gw, MIRROR)}")
-                time.sleep(0.2)
-                conn.execute(insert, (i,))
-                i += 1
+            _insert_until_mirrored(gw, conn, insert, 100, away.delivered["ok"])
             conn.execute(insert, (200,))
             conn.execute(shifted, (201,))
         c = wait_at_rest(gw, MIRROR, clients=0)
