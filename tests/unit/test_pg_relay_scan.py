@@ -163,7 +163,7 @@ class Rig:
         if mirrored:
             s.mirrors = self.mirrors  # type: ignore[assignment]
             s.statements = StatementRegistry()
-            s._max_unit = s._min_unit = 64 * 1024 * 1024  # the default queue_bytes
+            s._budgets(self.mirrors)  # one mirror, the default queue_bytes
 
     @property
     def stats(self) -> ListenerStats:
@@ -180,6 +180,13 @@ class Rig:
     def answer(self, pieces: list[bytes]) -> None:
         for piece in pieces:
             self.session.primary_data(piece)
+
+    def go_dark(self) -> None:
+        """Every mirror's queue is full: a unit refused at a transaction
+        boundary, and from there the session only counts units."""
+        self.mirrors.down, self.mirrors.until = True, float("inf")
+        self.send([codec.query("SELECT 0")])
+        self.answer([codec.ready_for_query(b"I")])
 
 
 # --- splitting ---------------------------------------------------------------------
@@ -477,9 +484,7 @@ def test_ready_for_query_with_nothing_pending_is_ignored() -> None:
 
 def test_ready_for_query_with_nothing_pending_is_ignored_in_a_dark_session() -> None:
     rig = Rig()
-    rig.mirrors.down, rig.mirrors.until = True, float("inf")
-    rig.send([codec.query("SELECT 1")])
-    rig.answer([codec.ready_for_query(b"I")])  # refused at a boundary: dark
+    rig.go_dark()
     rig.answer([codec.ready_for_query(b"T")])
     rig.send([bind(b"s") + execute() + codec.sync()])
     rig.answer([codec.ready_for_query(b"I"), codec.ready_for_query(b"T")])
@@ -817,9 +822,7 @@ def test_a_dark_session_counts_bind_execute_sync_chunks_without_the_frame_scan(
 ) -> None:
     rig = Rig()
     m = rig.mirrors
-    m.down, m.until = True, float("inf")  # queues full
-    rig.send([codec.query("SELECT 0")])
-    rig.answer([IDLE])  # refused at a boundary: the session goes dark
+    rig.go_dark()
     cycle = bind(b"s") + execute() + codec.sync()
 
     def no_scan(*args: object) -> None:
@@ -845,9 +848,7 @@ def test_a_dark_session_tallies_only_from_a_frame_boundary() -> None:
     # Sync. The session knows it is inside the Bind and scans it instead.
     rig = Rig()
     m = rig.mirrors
-    m.down, m.until = True, float("inf")
-    rig.send([codec.query("SELECT 0")])
-    rig.answer([IDLE])
+    rig.go_dark()
     # Only the header counts to the relay: the body ends in the look-alike.
     cycle = codec.frame(b"B", b"\0s\0" + b"v" * 7 + codec.flush()) + execute() + codec.sync()
     cut = cycle.index(codec.flush())
