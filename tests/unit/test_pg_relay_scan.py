@@ -862,3 +862,26 @@ def test_a_dark_session_tallies_only_from_a_frame_boundary() -> None:
     assert len(m.unoffered) == 3 and rig.stats.primary_units == 4
     assert not rig.session._pending and rig.session._fskip == 0
     assert rig.session.statements.get(b"s2") == parse
+
+
+@pytest.mark.parametrize("side", ["client", "primary"])
+def test_a_dark_session_given_a_frame_shorter_than_its_header_stops_mirroring(
+    side: str,
+) -> None:
+    # The tally refuses the chunk; the full scan finds the bad frame, ends
+    # mirroring for the session and goes on relaying, as for a lit one.
+    rig = Rig()
+    rig.go_dark()
+    cycle = bind(b"s") + execute() + codec.sync()
+    bad = b"Q" + struct.pack("!i", 2) + b"junk"
+    if side == "client":
+        rig.send([cycle + bad])
+    else:
+        rig.send([cycle])
+        rig.answer([IDLE + bad])
+    assert rig.session.mirrors is None and rig.mirrors.closed
+    assert rig.session.phase is Phase.RAW
+    rig.send([b"more"])
+    assert rig.primary.data.endswith(b"more")
+    if side == "client":
+        assert len(rig.mirrors.unoffered) == 1  # the cycle before the bad frame
