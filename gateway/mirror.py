@@ -689,6 +689,16 @@ class MirrorSet:
         for st in self.skipped:
             st.skipped += times
 
+    def dark_counts(self) -> tuple[list[tuple[MirrorStats, DropReason]], list[MirrorStats]]:
+        """While every mirror refuses units (``down_until`` said so, and
+        holds): what ``drop_unoffered`` counts a unit no larger than every
+        mirror's byte budget under, for a protocol that counts such units
+        itself: each mirror's stats with its reason, and the stats of the
+        mirrors sampling left out (their ``skipped``).
+        """
+        assert self._dark
+        return [(s.stats, s.dark_reason) for s in self.sessions], self.skipped
+
     def extend(self, unit: Unit, chunk: bytes) -> None:
         """Add a chunk to a streamed unit that was offered already."""
         unit.grow(chunk)

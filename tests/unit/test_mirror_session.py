@@ -144,6 +144,25 @@ def test_a_run_of_uncut_units_is_counted_as_each_would_be() -> None:
     assert skipped.stats.skipped == 8
 
 
+def test_a_dark_set_names_the_counters_and_reasons_of_its_drops() -> None:
+    from gateway.mirror import MirrorSet
+
+    (m1, _), (m2, _), (skipped, _) = _mirror(), _mirror(queue=1), _mirror()
+    full = MirrorSession(m2, ScriptedReplayer([]))
+    full.offer(Unit(b"queued"))
+    dark = MirrorSet([MirrorSession(m1, DownReplayer(40.0)), full], [skipped.stats])
+    assert dark.down_until() == 40.0
+    drops, left_out = dark.dark_counts()
+    assert drops == [(m1.stats, DropReason.MIRROR_UNAVAILABLE),
+                     (m2.stats, DropReason.QUEUE_FULL)]
+    assert left_out == [skipped.stats]
+    # What a protocol counting into them does is what drop_unoffered does.
+    dark.drop_unoffered(5, 2)
+    assert m1.stats.dropped[DropReason.MIRROR_UNAVAILABLE] == 2
+    assert m2.stats.dropped[DropReason.QUEUE_FULL] == 2 and skipped.stats.skipped == 2
+    assert m1.stats.balanced() and m2.stats.balanced()
+
+
 def test_a_set_whose_every_queue_is_full_is_down_until_a_queue_changes() -> None:
     from gateway.mirror import MirrorSet
 
