@@ -25,6 +25,11 @@ from gateway import ClientSession, ListenerContext, MirrorSet, Unit
 from . import codec
 from .console import ConsoleSession, admin_database
 from .framewalk import Cursor, FrameError, count, tally, walk
+
+try:
+    from ._lane import Lane
+except ImportError:  # not built: the methods below do all of its work
+    Lane = None
 from .statements import MAX_BYTES as _MAX_STATEMENT_FRAME
 
 if TYPE_CHECKING:
@@ -75,6 +80,9 @@ _BACK_ACTIONS = _actions(unit_end=b"Z", copy=b"")
 _DARK_FRONT = bytes(1 if t == ord("S") else 2 if t in b"QFPCdcf" else 0 for t in range(256))
 # Backend type bytes.
 _B_READY = ord("Z")
+# Lane modes and the sides of a chunk it hands back (_lane.c).
+_LANE_PLAIN = 1
+_BACK, _UNWRITTEN = 1, 2
 _IDLE = ord("I")  # ReadyForQuery status: not in a transaction
 _B_KEY = ord("K")
 
@@ -135,6 +143,8 @@ class PrimaryLink(asyncio.Protocol):
 class PgSession(asyncio.Protocol, ClientSession):
     """One client connection: an asyncio Protocol driven by the event loop."""
 
+    _lane_type: Any = Lane  # None: no C lane (where it is not built)
+
     def __init__(self, handler: Any) -> None:
         self.handler = handler
         self.ctx: ListenerContext = handler.context
@@ -190,6 +200,15 @@ class PgSession(asyncio.Protocol, ClientSession):
         self._down_until = 0.0
         self._idle = True  # the primary's last ReadyForQuery said idle
         self._generation = 0  # the listener's config generation the mirrors follow
+        # The C lane (_lane.c), where built: it takes both sides' chunks and,
+        # while on (unmirrored, or dark), does their work; otherwise, and for
+        # any chunk it hands back, it calls the methods below.
+        self._lane: Any = None
+        if self._lane_type is not None:
+            self._lane = lane = self._lane_type(self.data_received, self.primary_data,
+                                                self._handoff)
+            self.data_received = lane.front  # type: ignore[method-assign]
+            self.primary_data = lane.back  # type: ignore[method-assign]
 
     # ---------------------------------------------------------------- client side
 
@@ -205,15 +224,7 @@ class PgSession(asyncio.Protocol, ClientSession):
     def data_received(self, data: bytes) -> None:
         if self._relaying:
             self.primary.write(data)  # type: ignore[union-attr]
-            if self.mirrors is not None:
-                down = self._down_until
-                if not down or not self._dark_front(data, down):
-                    self._scan_front(data)
-            elif self._answered_since:
-                # Unmirrored: no unit is cut; the latency of what this chunk
-                # asks runs from here to the primary's ReadyForQuery frames.
-                self._waiting_since = _clock()
-                self._answered_since = False
+            self._front_read(data)
         elif self.phase is Phase.RAW or self.phase is Phase.AUTH:
             self.primary.write(data)  # type: ignore[union-attr]
         elif self.phase is Phase.STARTUP:
@@ -226,6 +237,18 @@ class PgSession(asyncio.Protocol, ClientSession):
                 self._fail("08P01", "too much data before the server connection was ready")
                 return
             self._early.append(data)
+
+    def _front_read(self, data: bytes) -> None:
+        """A relaying session's client chunk, forwarded already."""
+        if self.mirrors is not None:
+            down = self._down_until
+            if not down or not self._dark_front(data, down):
+                self._scan_front(data)
+        elif self._answered_since:
+            # Unmirrored: no unit is cut; the latency of what this chunk
+            # asks runs from here to the primary's ReadyForQuery frames.
+            self._waiting_since = _clock()
+            self._answered_since = False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._end()
@@ -355,11 +378,7 @@ class PgSession(asyncio.Protocol, ClientSession):
     def primary_data(self, data: bytes) -> None:
         if self._relaying:
             self.client.write(data)  # type: ignore[union-attr]
-            if self.mirrors is not None:
-                if not self._down_until or not self._dark_back(data):
-                    self._scan_back(data)
-            else:
-                self._count_back(data)
+            self._back_read(data)
             return
         client = self.client
         if client is None or client.is_closing():
@@ -367,6 +386,16 @@ class PgSession(asyncio.Protocol, ClientSession):
         client.write(data)
         if self.phase is Phase.AUTH:
             self._auth_back(data)
+
+    def _back_read(self, data: bytes) -> None:
+        """A relaying session's primary chunk, forwarded already."""
+        if self.mirrors is not None:
+            if not self._down_until or not self._dark_back(data):
+                self._scan_back(data)
+            if self._down_until and not self._pending and self._lane is not None:
+                self._lane_dark()
+        else:
+            self._count_back(data)
 
     def primary_lost(self, exc: Exception | None) -> None:
         if self.client is not None:
@@ -419,6 +448,8 @@ class PgSession(asyncio.Protocol, ClientSession):
                 self._scan_back(rest)
             else:
                 self._count_back(rest)
+        if self.mirrors is None:
+            self._lane_plain()
 
     # ---------------------------------------------------------------- scanning
 
@@ -843,6 +874,60 @@ class PgSession(asyncio.Protocol, ClientSession):
             if mirrors is not None and mirrors.down:
                 self._down_until = mirrors.down_until()
 
+    def _lane_plain(self) -> None:
+        """An unmirrored session: the C lane counts its chunks from here,
+        unless sampling left mirrors out (they count skipped units, here)."""
+        if self._lane is None or self._skipped:
+            return
+        back = self._back
+        self._lane.plain(self.primary.write, self.client.write,  # type: ignore[union-attr]
+                         self.stats, _clock, back.skip, back.tail, self._waiting_since,
+                         self._answered_since)
+
+    def _lane_dark(self) -> None:
+        """A dark session with nothing pending, between two primary chunks:
+        if it stands at a unit boundary on both sides, the C lane counts its
+        chunks from here."""
+        lane = self._lane
+        if (self.mirrors is None or self._pending or self._held or self._ftail or self._fskip
+                or self._copy is not _NO_COPY or self._stmt is not None or self._back.tail):
+            return
+        mirrors = self.mirrors
+        assert mirrors is not None
+        drops, skipped = mirrors.dark_counts()
+        lane.dark(self.primary.write, self.client.write, self.stats, _clock,  # type: ignore[union-attr]
+                  self._back.skip, self._idle, self._down_until, self._min_unit, drops, skipped,
+                  mirrors.changes, mirrors.asked, self.ctx, self._generation)
+
+    def _handoff(self, side: int, data: bytes, state: tuple[Any, ...]) -> None:
+        """The lane gives a chunk back (and stops): take its state and read
+        the chunk as if the lane had never run."""
+        self._take_lane(state)
+        if side & _UNWRITTEN:
+            (PgSession.primary_data if side & _BACK else PgSession.data_received)(self, data)
+        elif side & _BACK:
+            self._back_read(data)
+        else:
+            self._front_read(data)
+
+    def _take_lane(self, state: tuple[Any, ...]) -> None:
+        """What the lane counted into, set on the session (``Lane.state``)."""
+        mode, skip, tail, since, answered, idle, times, counted = state
+        back = self._back
+        back.skip = skip
+        back.tail = tail or b""
+        if mode == _LANE_PLAIN:
+            self._waiting_since = since
+            self._answered_since = bool(answered)
+            return
+        self._idle = bool(idle)
+        pending = self._pending
+        pending.clear()
+        pending.extend((t, None) for t in times)
+        if counted:
+            self._last_unit = None
+            self._last_term = _F_SYNC
+
     def _reconfigured(self) -> MirrorSet | None:
         """A reload came: at this transaction boundary, drop the mirrors the
         session no longer goes to (removed, or exposure lowered) and take the
@@ -895,6 +980,8 @@ class PgSession(asyncio.Protocol, ClientSession):
     def _end(self) -> None:
         if self.phase is Phase.CLOSED:
             return
+        if self._lane is not None:
+            self._lane.release()  # nothing it counted is lost: it counts as it goes
         self.phase = Phase.CLOSED
         self._relaying = False
         if self._timer is not None:

@@ -74,6 +74,10 @@ class RecordingMirrors:
         self.offered: list[Unit] = []
         self.extended: list[tuple[Unit, bytes]] = []
         self.unoffered: list[int] = []  # sizes of units counted while every mirror was down
+        # What a C lane counts those units into (dark_counts): one mirror.
+        self.lane_counted = SimpleNamespace(offered=0, dropped={"refused": 0})
+        # A mirror sampling left out: it counts every unit as skipped.
+        self.left_out = SimpleNamespace(skipped=0)
         self.closed = False
         self.down = False  # what MirrorSet.offer found: every mirror unavailable
         self.until = 0.0   # what down_until answers
@@ -98,6 +102,20 @@ class RecordingMirrors:
 
     def drop_unoffered(self, size: int, times: int = 1) -> None:
         self.unoffered.extend([size] * times)
+        self.left_out.skipped += times
+
+    def dark_counts(self) -> tuple[list[tuple[object, str]], list[object]]:
+        return [(self.lane_counted, "refused")], [self.left_out]
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        """Units counted while every mirror was down, by the session or its
+        lane, by reason: as MirrorSet counts them, too large for the mirror's
+        byte budget or refused."""
+        budget = self.sessions[0].mirror.config.queue_bytes
+        large = sum(1 for size in self.unoffered if size > budget)
+        return {"too_large": large,
+                "refused": len(self.unoffered) - large + self.lane_counted.dropped["refused"]}
 
     def extend(self, unit: Unit, chunk: bytes) -> None:
         self.extended.append((unit, chunk))
@@ -148,11 +166,18 @@ class Handler:
         return RecordingMirrors()
 
 
-class Rig:
-    """A READY session with its recording client, primary and mirrors."""
+class PythonSession(PgSession):
+    """A session without the C lane: its Python does every chunk's work."""
 
-    def __init__(self, mirrored: bool = True) -> None:
-        self.session = s = PgSession(Handler())
+    _lane_type = None
+
+
+class Rig:
+    """A READY session with its recording client, primary and mirrors; its
+    Python alone reads the chunks unless ``lane`` (where the lane is built)."""
+
+    def __init__(self, mirrored: bool = True, lane: bool = False) -> None:
+        self.session = s = (PgSession if lane else PythonSession)(Handler())
         self.client = RecordingTransport()
         self.primary = RecordingTransport()
         self.mirrors = RecordingMirrors()

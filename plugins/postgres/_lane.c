@@ -1,0 +1,775 @@
+/* The Postgres relay's per-chunk work, in C, for the two states a session
+ * spends most of its life in where no unit is cut:
+ *
+ *   plain: unmirrored (no mirror, none sampled): forward the chunk, count the
+ *          primary's ReadyForQuery frames and time them;
+ *   dark:  every mirror refuses units (a hung or down mirror): forward the
+ *          chunk, count its Sync-ended request cycles as drops, time and
+ *          settle them with the primary's ReadyForQuery frames.
+ *
+ * The session's Python code (relay.py: _client_chunk, _primary_chunk and the
+ * methods they call) is the definition of what happens to a chunk, and where
+ * this module is not built, the only code. A Lane does exactly what that code
+ * does for the chunks it accepts, and hands every other chunk back, after it
+ * has been forwarded and before anything was counted: it then stops, gives the
+ * session its state, and the session reads the chunk as if the Lane had never
+ * run. tests/unit/test_pg_lane.py drives sessions with and without a Lane
+ * through the same traffic and compares everything they count.
+ *
+ * Why C: the Python of these two states cost about 1 µs of CPU per pgbench
+ * transaction, about a tenth of the gateway's throughput against pgbouncer on
+ * the benchmark machine (docs/performance.md); a call into a C method per
+ * chunk costs no Python frame. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+enum { OFF = 0, PLAIN = 1, DARK = 2 };
+/* The side of a chunk handed back; UNWRITTEN: not forwarded yet (the session
+ * reads it from the start). */
+enum { FRONT = 0, BACK = 1, UNWRITTEN = 2 };
+
+static PyObject *s_primary_units, *s_sum, *s_offered, *s_dropped, *s_skipped,
+    *s_count, *s_generation;
+
+typedef struct {
+    PyObject_HEAD
+    int mode;
+    /* The session's Python methods: the whole of each side (while OFF), and
+     * the hand-back: handoff(side, chunk, state). */
+    PyObject *front_py, *back_py, *handoff;
+    /* While on. */
+    PyObject *primary_write, *client_write;
+    PyObject *stats;     /* ListenerStats: primary_units */
+    PyObject *hist;      /* its primary_latency Histogram: bounds, counts, sum */
+    PyObject *bounds;    /* tuple of floats */
+    PyObject *counts;    /* list of ints, one more than bounds */
+    PyObject *clock;     /* relay._clock */
+    Py_ssize_t skip;     /* primary bytes of the current frame still to come */
+    PyObject *tail;      /* a split frame header (bytes), or NULL */
+    /* plain */
+    double waiting_since;
+    int answered;
+    /* dark */
+    int idle, counted;
+    double down;
+    Py_ssize_t min_unit;
+    PyObject *drops;     /* list of (MirrorStats, DropReason) */
+    PyObject *skipped;   /* list of MirrorStats */
+    PyObject *changes;   /* the queue-change counter: .count */
+    PyObject *asked;     /* its count when the mirrors were last asked */
+    PyObject *ctx;       /* ListenerContext: .generation */
+    PyObject *generation;
+    double *times;       /* send times of pending units: a ring */
+    Py_ssize_t head, npending, cap;
+} Lane;
+
+/* Frame types: Sync counts a request cycle; Query, FunctionCall, Parse,
+ * Close and the COPY frames need the session's full scan. */
+static unsigned char front_marks[256];
+
+static inline int32_t
+frame_length(const unsigned char *p)
+{
+    return (int32_t)(((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16)
+                     | ((uint32_t)p[2] << 8) | (uint32_t)p[3]);
+}
+
+static void
+release_refs(Lane *self)
+{
+    self->mode = OFF;
+    Py_CLEAR(self->primary_write);
+    Py_CLEAR(self->client_write);
+    Py_CLEAR(self->stats);
+    Py_CLEAR(self->hist);
+    Py_CLEAR(self->bounds);
+    Py_CLEAR(self->counts);
+    Py_CLEAR(self->clock);
+    Py_CLEAR(self->tail);
+    Py_CLEAR(self->drops);
+    Py_CLEAR(self->skipped);
+    Py_CLEAR(self->changes);
+    Py_CLEAR(self->asked);
+    Py_CLEAR(self->ctx);
+    Py_CLEAR(self->generation);
+    self->head = self->npending = 0;
+}
+
+static int
+lane_traverse(Lane *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->front_py);
+    Py_VISIT(self->back_py);
+    Py_VISIT(self->handoff);
+    Py_VISIT(self->primary_write);
+    Py_VISIT(self->client_write);
+    Py_VISIT(self->stats);
+    Py_VISIT(self->hist);
+    Py_VISIT(self->clock);
+    Py_VISIT(self->drops);
+    Py_VISIT(self->skipped);
+    Py_VISIT(self->changes);
+    Py_VISIT(self->ctx);
+    return 0;
+}
+
+static int
+lane_clear(Lane *self)
+{
+    release_refs(self);
+    Py_CLEAR(self->front_py);
+    Py_CLEAR(self->back_py);
+    Py_CLEAR(self->handoff);
+    return 0;
+}
+
+static void
+lane_dealloc(Lane *self)
+{
+    PyObject_GC_UnTrack(self);
+    lane_clear(self);
+    PyMem_Free(self->times);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int
+lane_init(Lane *self, PyObject *args, PyObject *kwds)
+{
+    PyObject *front, *back, *handoff;
+    if (!PyArg_ParseTuple(args, "OOO:Lane", &front, &back, &handoff))
+        return -1;
+    lane_clear(self);
+    Py_INCREF(front);
+    Py_INCREF(back);
+    Py_INCREF(handoff);
+    self->front_py = front;
+    self->back_py = back;
+    self->handoff = handoff;
+    return 0;
+}
+
+/* ------------------------------------------------------------------ state */
+
+/* (mode, skip, tail, waiting_since, answered, idle, pending times, counted):
+ * what the session takes back. */
+static PyObject *
+state(Lane *self)
+{
+    PyObject *times = PyTuple_New(self->npending), *tail, *result;
+    if (times == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < self->npending; i++) {
+        PyObject *t = PyFloat_FromDouble(self->times[(self->head + i) % self->cap]);
+        if (t == NULL) {
+            Py_DECREF(times);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(times, i, t);
+    }
+    tail = self->tail != NULL ? self->tail : Py_None;
+    result = Py_BuildValue("(inOdiiNi)", self->mode, self->skip, tail, self->waiting_since,
+                           self->answered, self->idle, times, self->counted);
+    return result;
+}
+
+static PyObject *
+lane_state(Lane *self, PyObject *unused)
+{
+    if (self->mode == OFF)
+        Py_RETURN_NONE;
+    return state(self);
+}
+
+static PyObject *
+lane_release(Lane *self, PyObject *unused)
+{
+    PyObject *result;
+    if (self->mode == OFF)
+        Py_RETURN_NONE;
+    result = state(self);
+    release_refs(self);
+    return result;
+}
+
+/* Give the chunk back: the session takes the state and reads the chunk. */
+static PyObject *
+hand_back(Lane *self, int side, PyObject *data)
+{
+    PyObject *st = state(self), *result, *side_obj;
+    if (st == NULL)
+        return NULL;
+    release_refs(self);
+    side_obj = PyLong_FromLong(side);
+    if (side_obj == NULL) {
+        Py_DECREF(st);
+        return NULL;
+    }
+    result = PyObject_CallFunctionObjArgs(self->handoff, side_obj, data, st, NULL);
+    Py_DECREF(side_obj);
+    Py_DECREF(st);
+    return result;
+}
+
+static int
+common_args(Lane *self, PyObject *primary_write, PyObject *client_write, PyObject *stats,
+            PyObject *clock, Py_ssize_t skip, PyObject *tail)
+{
+    PyObject *hist = PyObject_GetAttrString(stats, "primary_latency"), *bounds, *counts;
+    if (hist == NULL)
+        return -1;
+    bounds = PyObject_GetAttrString(hist, "bounds");
+    counts = PyObject_GetAttrString(hist, "counts");
+    if (bounds == NULL || counts == NULL || !PyTuple_Check(bounds) || !PyList_Check(counts)
+            || PyList_GET_SIZE(counts) != PyTuple_GET_SIZE(bounds) + 1) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "a Histogram with a bounds tuple and a counts list");
+        Py_DECREF(hist);
+        Py_XDECREF(bounds);
+        Py_XDECREF(counts);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(bounds); i++) {
+        if (!PyFloat_Check(PyTuple_GET_ITEM(bounds, i))) {
+            PyErr_SetString(PyExc_TypeError, "histogram bounds must be floats");
+            Py_DECREF(hist);
+            Py_DECREF(bounds);
+            Py_DECREF(counts);
+            return -1;
+        }
+    }
+    release_refs(self);
+    Py_INCREF(primary_write);
+    Py_INCREF(client_write);
+    Py_INCREF(stats);
+    Py_INCREF(clock);
+    self->primary_write = primary_write;
+    self->client_write = client_write;
+    self->stats = stats;
+    self->hist = hist;
+    self->bounds = bounds;
+    self->counts = counts;
+    self->clock = clock;
+    self->skip = skip;
+    if (tail != Py_None && PyBytes_GET_SIZE(tail) > 0) {
+        Py_INCREF(tail);
+        self->tail = tail;
+    }
+    self->waiting_since = 0.0;
+    self->answered = 1;
+    self->idle = 1;
+    self->counted = 0;
+    return 0;
+}
+
+/* plain(primary_write, client_write, stats, clock, skip, tail, waiting_since, answered) */
+static PyObject *
+lane_plain(Lane *self, PyObject *args)
+{
+    PyObject *pw, *cw, *stats, *clock, *tail;
+    Py_ssize_t skip;
+    double since;
+    int answered;
+    if (!PyArg_ParseTuple(args, "OOOOnSdp:plain", &pw, &cw, &stats, &clock, &skip, &tail,
+                          &since, &answered))
+        return NULL;
+    if (common_args(self, pw, cw, stats, clock, skip, tail) < 0)
+        return NULL;
+    self->waiting_since = since;
+    self->answered = answered;
+    self->mode = PLAIN;
+    Py_RETURN_NONE;
+}
+
+/* dark(primary_write, client_write, stats, clock, skip, idle, down, min_unit,
+ *      drops, skipped, changes, asked, ctx, generation) */
+static PyObject *
+lane_dark(Lane *self, PyObject *args)
+{
+    PyObject *pw, *cw, *stats, *clock, *drops, *skipped, *changes, *asked, *ctx, *generation;
+    Py_ssize_t skip, min_unit;
+    int idle;
+    double down;
+    if (!PyArg_ParseTuple(args, "OOOOnpdnO!O!OOOO:dark", &pw, &cw, &stats, &clock, &skip, &idle,
+                          &down, &min_unit, &PyList_Type, &drops, &PyList_Type, &skipped,
+                          &changes, &asked, &ctx, &generation))
+        return NULL;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(drops); i++) {
+        PyObject *d = PyList_GET_ITEM(drops, i);
+        if (!PyTuple_Check(d) || PyTuple_GET_SIZE(d) != 2) {
+            PyErr_SetString(PyExc_TypeError, "drops must be (stats, reason) pairs");
+            return NULL;
+        }
+    }
+    if (common_args(self, pw, cw, stats, clock, skip, Py_None) < 0)
+        return NULL;
+    self->idle = idle;
+    self->down = down;
+    self->min_unit = min_unit;
+    Py_INCREF(drops);
+    Py_INCREF(skipped);
+    Py_INCREF(changes);
+    Py_INCREF(asked);
+    Py_INCREF(ctx);
+    Py_INCREF(generation);
+    self->drops = drops;
+    self->skipped = skipped;
+    self->changes = changes;
+    self->asked = asked;
+    self->ctx = ctx;
+    self->generation = generation;
+    self->mode = DARK;
+    Py_RETURN_NONE;
+}
+
+/* --------------------------------------------------------------- counting */
+
+static int
+now(Lane *self, double *t)
+{
+    PyObject *r = PyObject_CallNoArgs(self->clock);
+    if (r == NULL)
+        return -1;
+    *t = PyFloat_AsDouble(r);
+    Py_DECREF(r);
+    return (*t == -1.0 && PyErr_Occurred()) ? -1 : 0;
+}
+
+/* obj.name += n */
+static int
+add_attr(PyObject *obj, PyObject *name, Py_ssize_t n)
+{
+    PyObject *v = PyObject_GetAttr(obj, name), *by, *sum;
+    int rc;
+    if (v == NULL)
+        return -1;
+    by = PyLong_FromSsize_t(n);
+    sum = by != NULL ? PyNumber_Add(v, by) : NULL;
+    Py_DECREF(v);
+    Py_XDECREF(by);
+    if (sum == NULL)
+        return -1;
+    rc = PyObject_SetAttr(obj, name, sum);
+    Py_DECREF(sum);
+    return rc;
+}
+
+/* Histogram.observe(value, times): the bucket of bisect_left(bounds, value). */
+static int
+observe(Lane *self, double value, Py_ssize_t times)
+{
+    Py_ssize_t i = 0, nb = PyTuple_GET_SIZE(self->bounds);
+    PyObject *old, *by, *new, *total, *add;
+    double sum;
+    while (i < nb && PyFloat_AS_DOUBLE(PyTuple_GET_ITEM(self->bounds, i)) < value)
+        i++;
+    old = PyList_GET_ITEM(self->counts, i);
+    by = PyLong_FromSsize_t(times);
+    if (by == NULL)
+        return -1;
+    new = PyNumber_Add(old, by);
+    Py_DECREF(by);
+    if (new == NULL)
+        return -1;
+    PyList_SET_ITEM(self->counts, i, new);
+    Py_DECREF(old);
+    total = PyObject_GetAttr(self->hist, s_sum);
+    if (total == NULL)
+        return -1;
+    sum = PyFloat_AsDouble(total);
+    Py_DECREF(total);
+    if (sum == -1.0 && PyErr_Occurred())
+        return -1;
+    add = PyFloat_FromDouble(sum + value * (double)times);
+    if (add == NULL)
+        return -1;
+    if (PyObject_SetAttr(self->hist, s_sum, add) < 0) {
+        Py_DECREF(add);
+        return -1;
+    }
+    Py_DECREF(add);
+    return 0;
+}
+
+static int
+push_times(Lane *self, double t, Py_ssize_t n)
+{
+    if (self->npending + n > self->cap) {
+        Py_ssize_t cap = self->cap ? self->cap : 8, i;
+        double *grown;
+        while (cap < self->npending + n)
+            cap *= 2;
+        grown = PyMem_New(double, cap);
+        if (grown == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        for (i = 0; i < self->npending; i++)
+            grown[i] = self->times[(self->head + i) % self->cap];
+        PyMem_Free(self->times);
+        self->times = grown;
+        self->cap = cap;
+        self->head = 0;
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        self->times[(self->head + self->npending + i) % self->cap] = t;
+    self->npending += n;
+    return 0;
+}
+
+/* Is the session at the start of a transaction where the mirrors must be
+ * asked again (the time has come, a queue changed, a reload)? */
+static int
+must_ask(Lane *self, double t)
+{
+    PyObject *v;
+    int same;
+    if (t >= self->down)
+        return 1;
+    if ((v = PyObject_GetAttr(self->changes, s_count)) == NULL)
+        return -1;
+    same = PyObject_RichCompareBool(v, self->asked, Py_EQ);
+    Py_DECREF(v);
+    if (same <= 0)
+        return same < 0 ? -1 : 1;
+    if ((v = PyObject_GetAttr(self->ctx, s_generation)) == NULL)
+        return -1;
+    same = PyObject_RichCompareBool(v, self->generation, Py_EQ);
+    Py_DECREF(v);
+    return same < 0 ? -1 : !same;
+}
+
+/* The drops an offer of each of ``units`` units would count: under each
+ * mirror's reason, and as skipped for the mirrors sampling left out. */
+static int
+count_drops(Lane *self, Py_ssize_t units)
+{
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(self->drops); i++) {
+        PyObject *pair = PyList_GET_ITEM(self->drops, i);
+        PyObject *stats = PyTuple_GET_ITEM(pair, 0), *reason = PyTuple_GET_ITEM(pair, 1);
+        PyObject *dropped, *v, *by, *sum;
+        int rc;
+        if (add_attr(stats, s_offered, units) < 0)
+            return -1;
+        if ((dropped = PyObject_GetAttr(stats, s_dropped)) == NULL)
+            return -1;
+        v = PyObject_GetItem(dropped, reason);
+        by = v != NULL ? PyLong_FromSsize_t(units) : NULL;
+        sum = by != NULL ? PyNumber_Add(v, by) : NULL;
+        Py_XDECREF(v);
+        Py_XDECREF(by);
+        rc = sum != NULL ? PyObject_SetItem(dropped, reason, sum) : -1;
+        Py_XDECREF(sum);
+        Py_DECREF(dropped);
+        if (rc < 0)
+            return -1;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(self->skipped); i++) {
+        if (add_attr(PyList_GET_ITEM(self->skipped, i), s_skipped, units) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ sides */
+
+/* A dark session's client chunk: whole request cycles ending at Syncs, none
+ * too large for a mirror, no frame that needs the full scan, and (at the
+ * start of a transaction) nothing that makes the session ask again.
+ * 1: counted; 0: hand it back; -1: error. */
+static int
+dark_front(Lane *self, PyObject *data)
+{
+    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(data);
+    Py_ssize_t n = PyBytes_GET_SIZE(data), pos = 0, units = 0, last = -1;
+    int marks = 0, ask;
+    double t;
+    if (n > self->min_unit)
+        return 0;
+    while (n - pos >= 5) {
+        unsigned char kind = p[pos];
+        int32_t length = frame_length(p + pos + 1);
+        unsigned char a = front_marks[kind];
+        if (length < 4)
+            return 0;
+        pos += 1 + (Py_ssize_t)length;
+        marks |= a;
+        if (a & 1) {
+            units++;
+            last = pos;
+        }
+    }
+    if (marks != 1 || last != n)
+        return 0;
+    if (now(self, &t) < 0)
+        return -1;
+    if (self->idle && self->npending == 0) {
+        if ((ask = must_ask(self, t)) != 0)
+            return ask < 0 ? -1 : 0;
+    }
+    if (count_drops(self, units) < 0 || push_times(self, t, units) < 0)
+        return -1;
+    self->counted = 1;
+    return 1;
+}
+
+/* Step over the primary's frames from self->skip: how many ReadyForQuery
+ * frames, where the last one ends, where the walk stopped. 0, or 1 for a
+ * length word below 4 (the session's scan reports it). */
+static inline int
+ready_frames(const unsigned char *p, Py_ssize_t n, Py_ssize_t *pos,
+             Py_ssize_t *ready, Py_ssize_t *last)
+{
+    Py_ssize_t at = *pos, found = 0, end = -1;
+    while (n - at >= 5) {
+        unsigned char kind = p[at];
+        int32_t length = frame_length(p + at + 1);
+        if (length < 4)
+            return 1;
+        at += 1 + (Py_ssize_t)length;
+        if (kind == 'Z') {
+            found++;
+            end = at;
+        }
+    }
+    *pos = at;
+    *ready = found;
+    *last = end;
+    return 0;
+}
+
+/* Where the walk stopped: a split header kept, or bytes still to come. */
+static int
+advance(Lane *self, PyObject *data, Py_ssize_t pos)
+{
+    Py_ssize_t n = PyBytes_GET_SIZE(data);
+    Py_CLEAR(self->tail);
+    if (pos < n) {
+        self->tail = PyBytes_FromStringAndSize(PyBytes_AS_STRING(data) + pos, n - pos);
+        self->skip = 0;
+        return self->tail == NULL ? -1 : 0;
+    }
+    self->skip = pos - n;
+    return 0;
+}
+
+/* A dark session's primary chunk: settle pending units, one per
+ * ReadyForQuery; the last one's status says whether the session is idle.
+ * 1: counted; 0: hand it back; -1: error. */
+static int
+dark_back(Lane *self, PyObject *data)
+{
+    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(data);
+    Py_ssize_t n = PyBytes_GET_SIZE(data), pos = self->skip, ready, last;
+    double t;
+    if (self->tail != NULL)
+        return 0;
+    if (pos >= n) {
+        self->skip = pos - n;
+        return 1;
+    }
+    if (ready_frames(p, n, &pos, &ready, &last))
+        return 0;
+    if (ready && (last > n || ready > self->npending))
+        return 0;  /* a status byte still to come, or an answer to nothing */
+    if (advance(self, data, pos) < 0)
+        return -1;
+    if (ready) {
+        if (add_attr(self->stats, s_primary_units, ready) < 0 || now(self, &t) < 0)
+            return -1;
+        for (Py_ssize_t i = 0; i < ready; i++) {
+            double sent = self->times[self->head];
+            self->head = (self->head + 1) % self->cap;
+            self->npending--;
+            if (observe(self, t - sent, 1) < 0)
+                return -1;
+        }
+        self->idle = p[last - 1] == 'I';
+    }
+    return 1;
+}
+
+/* An unmirrored session's primary chunk: count its ReadyForQuery frames;
+ * their latency runs from the first client chunk after the last answer.
+ * 1: counted; 0: hand it back; -1: error. */
+static int
+plain_back(Lane *self, PyObject *data)
+{
+    PyObject *joined = NULL;
+    const unsigned char *p;
+    Py_ssize_t n, pos = self->skip, ready, last;
+    int rc = 1;
+    if (self->tail != NULL) {
+        joined = PyBytes_FromStringAndSize(NULL, PyBytes_GET_SIZE(self->tail) + PyBytes_GET_SIZE(data));
+        if (joined == NULL)
+            return -1;
+        memcpy(PyBytes_AS_STRING(joined), PyBytes_AS_STRING(self->tail), PyBytes_GET_SIZE(self->tail));
+        memcpy(PyBytes_AS_STRING(joined) + PyBytes_GET_SIZE(self->tail), PyBytes_AS_STRING(data),
+               PyBytes_GET_SIZE(data));
+        data = joined;
+    }
+    p = (const unsigned char *)PyBytes_AS_STRING(data);
+    n = PyBytes_GET_SIZE(data);
+    if (pos >= n) {
+        Py_CLEAR(self->tail);
+        self->skip = pos - n;
+        goto done;
+    }
+    if (ready_frames(p, n, &pos, &ready, &last)) {
+        rc = 0;  /* the tail stays: the session joins it again */
+        goto done;
+    }
+    if (advance(self, data, pos) < 0) {
+        rc = -1;
+        goto done;
+    }
+    if (ready) {
+        if (add_attr(self->stats, s_primary_units, ready) < 0) {
+            rc = -1;
+            goto done;
+        }
+        if (self->waiting_since != 0.0) {
+            double t;
+            if (now(self, &t) < 0 || observe(self, t - self->waiting_since, ready) < 0) {
+                rc = -1;
+                goto done;
+            }
+        }
+        self->answered = 1;
+    }
+done:
+    Py_XDECREF(joined);
+    return rc;
+}
+
+static int
+write_to(PyObject *write, PyObject *data)
+{
+    PyObject *r = PyObject_CallOneArg(write, data);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* data_received of the client connection. */
+static PyObject *
+lane_front(Lane *self, PyObject *data)
+{
+    int rc;
+    if (self->mode == OFF)
+        return PyObject_CallOneArg(self->front_py, data);
+    if (!PyBytes_CheckExact(data))
+        return hand_back(self, FRONT | UNWRITTEN, data);
+    if (write_to(self->primary_write, data) < 0)
+        return NULL;
+    if (self->mode == OFF)  /* the write ended the session */
+        Py_RETURN_NONE;
+    if (self->mode == PLAIN) {
+        if (self->answered) {
+            if (now(self, &self->waiting_since) < 0)
+                return NULL;
+            self->answered = 0;
+        }
+        Py_RETURN_NONE;
+    }
+    rc = dark_front(self, data);
+    if (rc < 0)
+        return NULL;
+    if (rc == 0)
+        return hand_back(self, FRONT, data);
+    Py_RETURN_NONE;
+}
+
+/* data_received of the primary connection. */
+static PyObject *
+lane_back(Lane *self, PyObject *data)
+{
+    int rc;
+    if (self->mode == OFF)
+        return PyObject_CallOneArg(self->back_py, data);
+    if (!PyBytes_CheckExact(data))
+        return hand_back(self, BACK | UNWRITTEN, data);
+    if (write_to(self->client_write, data) < 0)
+        return NULL;
+    if (self->mode == OFF)  /* the write ended the session */
+        Py_RETURN_NONE;
+    rc = self->mode == PLAIN ? plain_back(self, data) : dark_back(self, data);
+    if (rc < 0)
+        return NULL;
+    if (rc == 0)
+        return hand_back(self, BACK, data);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef lane_methods[] = {
+    {"front", (PyCFunction)lane_front, METH_O, "A client chunk (the client's data_received)."},
+    {"back", (PyCFunction)lane_back, METH_O, "A primary chunk (the primary's data_received)."},
+    {"plain", (PyCFunction)lane_plain, METH_VARARGS,
+     "plain(primary_write, client_write, stats, clock, skip, tail, waiting_since, answered)"},
+    {"dark", (PyCFunction)lane_dark, METH_VARARGS,
+     "dark(primary_write, client_write, stats, clock, skip, idle, down, min_unit, drops, "
+     "skipped, changes, asked, ctx, generation)"},
+    {"state", (PyCFunction)lane_state, METH_NOARGS,
+     "(mode, skip, tail, waiting_since, answered, idle, pending times, counted), or None when off."},
+    {"release", (PyCFunction)lane_release, METH_NOARGS, "Stop; return what state() would."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyObject *
+lane_mode(Lane *self, void *closure)
+{
+    return PyLong_FromLong(self->mode);
+}
+
+static PyGetSetDef lane_getset[] = {
+    {"mode", (getter)lane_mode, NULL, "0 off, 1 plain, 2 dark", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject LaneType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "gateway_postgres._lane.Lane",
+    .tp_basicsize = sizeof(Lane),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Lane(client_chunk, primary_chunk, handoff): see the module's comment.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)lane_init,
+    .tp_dealloc = (destructor)lane_dealloc,
+    .tp_traverse = (traverseproc)lane_traverse,
+    .tp_clear = (inquiry)lane_clear,
+    .tp_methods = lane_methods,
+    .tp_getset = lane_getset,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_lane", NULL, -1, NULL,
+};
+
+PyMODINIT_FUNC
+PyInit__lane(void)
+{
+    PyObject *m;
+    const char *names[] = {"primary_units", "sum", "offered", "dropped", "skipped", "count",
+                           "generation"};
+    PyObject **slots[] = {&s_primary_units, &s_sum, &s_offered, &s_dropped, &s_skipped,
+                          &s_count, &s_generation};
+    for (int i = 0; i < 7; i++) {
+        if ((*slots[i] = PyUnicode_InternFromString(names[i])) == NULL)
+            return NULL;
+    }
+    front_marks['S'] = 1;
+    for (const char *k = "QFPCdcf"; *k; k++)
+        front_marks[(unsigned char)*k] = 2;
+    if (PyType_Ready(&LaneType) < 0)
+        return NULL;
+    m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&LaneType);
+    if (PyModule_AddObject(m, "Lane", (PyObject *)&LaneType) < 0) {
+        Py_DECREF(&LaneType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
