@@ -55,6 +55,8 @@ def _session(mirrors: MirrorSet | None) -> PgSession:
         session.mirrors = mirrors
         session.statements = StatementRegistry()
         session._budgets(mirrors)  # every mirror's queue_bytes, as on a real session
+    else:
+        session._lane_plain()  # as _ready does: the C lane, where built
     return session
 
 
