@@ -59,6 +59,16 @@ def test_the_c_loop_is_in_use_where_it_was_built() -> None:
     assert framewalk.IMPLEMENTATION == "c"
 
 
+def test_the_c_lane_is_in_use_where_it_was_built() -> None:
+    import importlib.util
+
+    from gateway_postgres import relay
+
+    if importlib.util.find_spec("gateway_postgres._lane") is None:
+        pytest.skip("C lane not built here")
+    assert relay.Lane is not None and relay.PgSession._lane_type is relay.Lane
+
+
 @given(data=st.one_of(frames, st.binary(max_size=200)), kind=st.integers(0, 255),
        pos=st.integers(0, 220))
 def test_c_and_python_counts_agree(data: bytes, kind: int, pos: int) -> None:
