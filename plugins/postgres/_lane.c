@@ -139,12 +139,9 @@ lane_init(Lane *self, PyObject *args, PyObject *kwds)
     if (!PyArg_ParseTuple(args, "OOO:Lane", &front, &back, &handoff))
         return -1;
     lane_clear(self);
-    Py_INCREF(front);
-    Py_INCREF(back);
-    Py_INCREF(handoff);
-    self->front_py = front;
-    self->back_py = back;
-    self->handoff = handoff;
+    self->front_py = Py_NewRef(front);
+    self->back_py = Py_NewRef(back);
+    self->handoff = Py_NewRef(handoff);
     return 0;
 }
 
@@ -238,22 +235,16 @@ common_args(Lane *self, PyObject *primary_write, PyObject *client_write, PyObjec
         }
     }
     release_refs(self);
-    Py_INCREF(primary_write);
-    Py_INCREF(client_write);
-    Py_INCREF(stats);
-    Py_INCREF(clock);
-    self->primary_write = primary_write;
-    self->client_write = client_write;
-    self->stats = stats;
+    self->primary_write = Py_NewRef(primary_write);
+    self->client_write = Py_NewRef(client_write);
+    self->stats = Py_NewRef(stats);
     self->hist = hist;
     self->bounds = bounds;
     self->counts = counts;
-    self->clock = clock;
+    self->clock = Py_NewRef(clock);
     self->skip = skip;
-    if (tail != Py_None && PyBytes_GET_SIZE(tail) > 0) {
-        Py_INCREF(tail);
-        self->tail = tail;
-    }
+    if (tail != Py_None && PyBytes_GET_SIZE(tail) > 0)
+        self->tail = Py_NewRef(tail);
     self->waiting_since = 0.0;
     self->answered = 1;
     self->idle = 1;
@@ -305,18 +296,12 @@ lane_dark(Lane *self, PyObject *args)
     self->idle = idle;
     self->down = down;
     self->min_unit = min_unit;
-    Py_INCREF(drops);
-    Py_INCREF(skipped);
-    Py_INCREF(changes);
-    Py_INCREF(asked);
-    Py_INCREF(ctx);
-    Py_INCREF(generation);
-    self->drops = drops;
-    self->skipped = skipped;
-    self->changes = changes;
-    self->asked = asked;
-    self->ctx = ctx;
-    self->generation = generation;
+    self->drops = Py_NewRef(drops);
+    self->skipped = Py_NewRef(skipped);
+    self->changes = Py_NewRef(changes);
+    self->asked = Py_NewRef(asked);
+    self->ctx = Py_NewRef(ctx);
+    self->generation = Py_NewRef(generation);
     self->mode = DARK;
     Py_RETURN_NONE;
 }
@@ -651,54 +636,56 @@ write_to(PyObject *write, PyObject *data)
     return 0;
 }
 
+/* An unmirrored session's client chunk: the latency of what it asks runs
+ * from the first chunk after the primary last answered. */
+static int
+plain_front(Lane *self)
+{
+    if (self->answered) {
+        if (now(self, &self->waiting_since) < 0)
+            return -1;
+        self->answered = 0;
+    }
+    return 1;
+}
+
+/* A chunk of either side: forward it to the other, then count it, or hand
+ * it back. */
+static PyObject *
+read_chunk(Lane *self, PyObject *data, int side)
+{
+    int rc;
+    if (self->mode == OFF)
+        return PyObject_CallOneArg(side == FRONT ? self->front_py : self->back_py, data);
+    if (!PyBytes_CheckExact(data))
+        return hand_back(self, side | UNWRITTEN, data);
+    if (write_to(side == FRONT ? self->primary_write : self->client_write, data) < 0)
+        return NULL;
+    if (self->mode == OFF)  /* the write ended the session */
+        Py_RETURN_NONE;
+    if (side == FRONT)
+        rc = self->mode == PLAIN ? plain_front(self) : dark_front(self, data);
+    else
+        rc = self->mode == PLAIN ? plain_back(self, data) : dark_back(self, data);
+    if (rc < 0)
+        return NULL;
+    if (rc == 0)
+        return hand_back(self, side, data);
+    Py_RETURN_NONE;
+}
+
 /* data_received of the client connection. */
 static PyObject *
 lane_front(Lane *self, PyObject *data)
 {
-    int rc;
-    if (self->mode == OFF)
-        return PyObject_CallOneArg(self->front_py, data);
-    if (!PyBytes_CheckExact(data))
-        return hand_back(self, FRONT | UNWRITTEN, data);
-    if (write_to(self->primary_write, data) < 0)
-        return NULL;
-    if (self->mode == OFF)  /* the write ended the session */
-        Py_RETURN_NONE;
-    if (self->mode == PLAIN) {
-        if (self->answered) {
-            if (now(self, &self->waiting_since) < 0)
-                return NULL;
-            self->answered = 0;
-        }
-        Py_RETURN_NONE;
-    }
-    rc = dark_front(self, data);
-    if (rc < 0)
-        return NULL;
-    if (rc == 0)
-        return hand_back(self, FRONT, data);
-    Py_RETURN_NONE;
+    return read_chunk(self, data, FRONT);
 }
 
 /* data_received of the primary connection. */
 static PyObject *
 lane_back(Lane *self, PyObject *data)
 {
-    int rc;
-    if (self->mode == OFF)
-        return PyObject_CallOneArg(self->back_py, data);
-    if (!PyBytes_CheckExact(data))
-        return hand_back(self, BACK | UNWRITTEN, data);
-    if (write_to(self->client_write, data) < 0)
-        return NULL;
-    if (self->mode == OFF)  /* the write ended the session */
-        Py_RETURN_NONE;
-    rc = self->mode == PLAIN ? plain_back(self, data) : dark_back(self, data);
-    if (rc < 0)
-        return NULL;
-    if (rc == 0)
-        return hand_back(self, BACK, data);
-    Py_RETURN_NONE;
+    return read_chunk(self, data, BACK);
 }
 
 static PyMethodDef lane_methods[] = {

@@ -10,7 +10,6 @@ they forwarded and counted, and the state the session would go on from.
 from __future__ import annotations
 
 import gc
-import struct
 import time
 import weakref
 from typing import Any
@@ -21,12 +20,11 @@ from hypothesis import strategies as st
 
 from gateway_postgres import codec
 from gateway_postgres import relay as relay_module
-from gateway_postgres.relay import PgSession, Phase
+from gateway_postgres.relay import PgSession
 from tests.unit.test_pg_relay_scan import (
     IDLE,
     IN_TX,
     PARSE_BIND_COMPLETE,
-    TERMINATORS,
     Rig,
     _apply,
     backend_noise_st,
@@ -34,6 +32,7 @@ from tests.unit.test_pg_relay_scan import (
     chunks,
     command_complete,
     cuts_st,
+    cycles,
     execute,
     item_st,
     mirror_event_st,
@@ -106,13 +105,7 @@ def test_the_lane_counts_a_dark_session_as_its_python_does(
             rig.session._budgets(rig.mirrors)
             rig.mirrors.down, rig.mirrors.until = True, float("inf")
         for items, statuses, event, split, answer_whole in rounds:
-            messages = [m for item in items for m in item]
-            units = sum(1 for m in messages if m[0] in TERMINATORS)
-            answer = b"".join(b"2\0\0\0\4" + codec.ready_for_query(statuses[i % len(statuses)]
-                                                                    if statuses else b"I")
-                              for i in range(units))
-            client = b"".join(messages)
-            sent = {"whole": [client], "messages": messages}.get(split) or chunks(client, cuts)
+            sent, answer = cycles(items, statuses, split, cuts)
             answered = [answer] if answer_whole else chunks(answer, cuts)
             for rig in (laned, python):
                 _apply(rig, event, clock[0])
@@ -265,22 +258,6 @@ def test_a_bytearray_chunk_is_handed_back_before_it_is_forwarded() -> None:
     rig.send([bytearray(CYCLE)])  # type: ignore[list-item]
     assert rig.primary.data.endswith(CYCLE) and rig.primary.data.count(CYCLE) == 1
     assert rig.session._lane.mode == 0 and len(rig.mirrors.unoffered) == 1
-
-
-@pytest.mark.parametrize("side", ["client", "primary"])
-def test_a_frame_shorter_than_its_header_in_the_lane_stops_mirroring(side: str) -> None:
-    rig = Rig(lane=True)
-    rig.go_dark()
-    bad = b"Q" + struct.pack("!i", 2) + b"junk"
-    if side == "client":
-        rig.send([CYCLE + bad])
-    else:
-        rig.send([CYCLE])
-        rig.answer([IDLE + bad])
-    assert rig.session.mirrors is None and rig.mirrors.closed
-    assert rig.session.phase is Phase.RAW and rig.session._lane.mode == 0
-    rig.send([b"more"])
-    assert rig.primary.data.endswith(b"more")
 
 
 # --- an unmirrored session -----------------------------------------------------------
