@@ -221,10 +221,21 @@ class PgSession(asyncio.Protocol, ClientSession):
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self.ctx.startup_timeout, self._startup_expired)
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes, forwarded: bool = False) -> None:
+        """A client chunk (``forwarded``: the lane wrote it to the primary
+        already, and hands it back to be read)."""
         if self._relaying:
-            self.primary.write(data)  # type: ignore[union-attr]
-            self._front_read(data)
+            if not forwarded:
+                self.primary.write(data)  # type: ignore[union-attr]
+            if self.mirrors is not None:
+                down = self._down_until
+                if not down or not self._dark_front(data, down):
+                    self._scan_front(data)
+            elif self._answered_since:
+                # Unmirrored: no unit is cut; the latency of what this chunk
+                # asks runs from here to the primary's ReadyForQuery frames.
+                self._waiting_since = _clock()
+                self._answered_since = False
         elif self.phase is Phase.RAW or self.phase is Phase.AUTH:
             self.primary.write(data)  # type: ignore[union-attr]
         elif self.phase is Phase.STARTUP:
@@ -237,18 +248,6 @@ class PgSession(asyncio.Protocol, ClientSession):
                 self._fail("08P01", "too much data before the server connection was ready")
                 return
             self._early.append(data)
-
-    def _front_read(self, data: bytes) -> None:
-        """A relaying session's client chunk, forwarded already."""
-        if self.mirrors is not None:
-            down = self._down_until
-            if not down or not self._dark_front(data, down):
-                self._scan_front(data)
-        elif self._answered_since:
-            # Unmirrored: no unit is cut; the latency of what this chunk
-            # asks runs from here to the primary's ReadyForQuery frames.
-            self._waiting_since = _clock()
-            self._answered_since = False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._end()
@@ -375,10 +374,18 @@ class PgSession(asyncio.Protocol, ClientSession):
 
     # ---------------------------------------------------------------- primary side
 
-    def primary_data(self, data: bytes) -> None:
+    def primary_data(self, data: bytes, forwarded: bool = False) -> None:
+        """A primary chunk (``forwarded``: as for ``data_received``)."""
         if self._relaying:
-            self.client.write(data)  # type: ignore[union-attr]
-            self._back_read(data)
+            if not forwarded:
+                self.client.write(data)  # type: ignore[union-attr]
+            if self.mirrors is None:
+                self._count_back(data)
+                return
+            if not self._down_until or not self._dark_back(data):
+                self._scan_back(data)
+            if self._down_until and not self._pending and self._lane is not None:
+                self._lane_dark()
             return
         client = self.client
         if client is None or client.is_closing():
@@ -386,16 +393,6 @@ class PgSession(asyncio.Protocol, ClientSession):
         client.write(data)
         if self.phase is Phase.AUTH:
             self._auth_back(data)
-
-    def _back_read(self, data: bytes) -> None:
-        """A relaying session's primary chunk, forwarded already."""
-        if self.mirrors is not None:
-            if not self._down_until or not self._dark_back(data):
-                self._scan_back(data)
-            if self._down_until and not self._pending and self._lane is not None:
-                self._lane_dark()
-        else:
-            self._count_back(data)
 
     def primary_lost(self, exc: Exception | None) -> None:
         if self.client is not None:
@@ -903,12 +900,8 @@ class PgSession(asyncio.Protocol, ClientSession):
         """The lane gives a chunk back (and stops): take its state and read
         the chunk as if the lane had never run."""
         self._take_lane(state)
-        if side & _UNWRITTEN:
-            (PgSession.primary_data if side & _BACK else PgSession.data_received)(self, data)
-        elif side & _BACK:
-            self._back_read(data)
-        else:
-            self._front_read(data)
+        read = PgSession.primary_data if side & _BACK else PgSession.data_received
+        read(self, data, not side & _UNWRITTEN)
 
     def _take_lane(self, state: tuple[Any, ...]) -> None:
         """What the lane counted into, set on the session (``Lane.state``)."""

@@ -128,8 +128,9 @@ def test_a_dark_session_s_pgbench_cycles_stay_in_the_lane(monkeypatch: pytest.Mo
     def no_python(*args: object) -> None:
         raise AssertionError("the session's Python read a chunk")
 
-    for name in ("_front_read", "_back_read", "_handoff"):
+    for name in ("_dark_front", "_scan_front", "_dark_back", "_scan_back", "_handoff"):
         monkeypatch.setattr(PgSession, name, no_python)
+    monkeypatch.setattr(relay_module, "_clock", no_python)  # the lane took the clock before
     for _ in range(3):
         rig.send([CYCLE])
         rig.answer([ANSWER])
@@ -306,8 +307,9 @@ def test_an_unmirrored_session_s_chunks_stay_in_the_lane(monkeypatch: pytest.Mon
     def no_python(*args: object) -> None:
         raise AssertionError("the session's Python read a chunk")
 
-    for name in ("_front_read", "_back_read", "_count_back", "_handoff"):
+    for name in ("_count_back", "_handoff"):
         monkeypatch.setattr(PgSession, name, no_python)
+    monkeypatch.setattr(relay_module, "_clock", no_python)  # the lane took the clock before
     for _ in range(4):
         rig.send([CYCLE])
         rig.answer([ANSWER[:7], ANSWER[7:]])  # a header split between chunks
