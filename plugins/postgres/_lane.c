@@ -7,13 +7,13 @@
  *          chunk, count its Sync-ended request cycles as drops, time and
  *          settle them with the primary's ReadyForQuery frames.
  *
- * The session's Python code (relay.py: _client_chunk, _primary_chunk and the
- * methods they call) is the definition of what happens to a chunk, and where
- * this module is not built, the only code. A Lane does exactly what that code
- * does for the chunks it accepts, and hands every other chunk back, after it
- * has been forwarded and before anything was counted: it then stops, gives the
- * session its state, and the session reads the chunk as if the Lane had never
- * run. tests/unit/test_pg_lane.py drives sessions with and without a Lane
+ * The session's Python code (relay.py: PgSession.data_received, primary_data
+ * and the methods they call) is the definition of what happens to a chunk,
+ * and where this module is not built, the only code. A Lane does exactly
+ * what that code does for the chunks it accepts, and hands every other chunk
+ * back, after it has been forwarded and before anything was counted: it then
+ * stops, gives the session its state, and the session reads the chunk as if
+ * the Lane had never run. tests/unit/test_pg_lane.py drives sessions with and without a Lane
  * through the same traffic and compares everything they count.
  *
  * Why C: the Python of these two states cost about 1 µs of CPU per pgbench
