@@ -13,8 +13,9 @@
  * what that code does for the chunks it accepts, and hands every other chunk
  * back, after it has been forwarded and before anything was counted: it then
  * stops, gives the session its state, and the session reads the chunk as if
- * the Lane had never run. tests/unit/test_pg_lane.py drives sessions with and without a Lane
- * through the same traffic and compares everything they count.
+ * the Lane had never run. tests/unit/test_pg_lane.py drives sessions with
+ * and without a Lane through the same traffic and compares everything they
+ * count.
  *
  * Why C: the Python of these two states cost about 1 µs of CPU per pgbench
  * transaction, about a tenth of the gateway's throughput against pgbouncer on
