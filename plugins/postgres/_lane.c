@@ -23,6 +23,7 @@
  * chunk costs no Python frame. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <time.h>
 
 enum { OFF = 0, PLAIN = 1, DARK = 2 };
 /* The side of a chunk handed back; UNWRITTEN: not forwarded yet (the session
@@ -31,6 +32,7 @@ enum { FRONT = 0, BACK = 1, UNWRITTEN = 2 };
 
 static PyObject *s_primary_units, *s_sum, *s_offered, *s_dropped, *s_skipped,
     *s_count, *s_generation;
+static PyObject *time_monotonic;  /* read directly when it is the clock */
 
 typedef struct {
     PyObject_HEAD
@@ -45,6 +47,7 @@ typedef struct {
     PyObject *bounds;    /* tuple of floats */
     PyObject *counts;    /* list of ints, one more than bounds */
     PyObject *clock;     /* relay._clock */
+    int monotonic;       /* it is time.monotonic: clock_gettime, no call */
     Py_ssize_t skip;     /* primary bytes of the current frame still to come */
     PyObject *tail;      /* a split frame header (bytes), or NULL */
     /* plain */
@@ -243,6 +246,7 @@ common_args(Lane *self, PyObject *primary_write, PyObject *client_write, PyObjec
     self->bounds = bounds;
     self->counts = counts;
     self->clock = Py_NewRef(clock);
+    self->monotonic = clock == time_monotonic;
     self->skip = skip;
     if (tail != Py_None && PyBytes_GET_SIZE(tail) > 0)
         self->tail = Py_NewRef(tail);
@@ -312,7 +316,16 @@ lane_dark(Lane *self, PyObject *args)
 static int
 now(Lane *self, double *t)
 {
-    PyObject *r = PyObject_CallNoArgs(self->clock);
+    PyObject *r;
+    if (self->monotonic) {
+        /* What time.monotonic() reads on Linux, converted as it converts. */
+        struct timespec ts;
+        if (clock_gettime(CLOCK_MONOTONIC, &ts) == 0) {
+            *t = (double)((long long)ts.tv_sec * 1000000000LL + ts.tv_nsec) / 1e9;
+            return 0;
+        }
+    }
+    r = PyObject_CallNoArgs(self->clock);
     if (r == NULL)
         return -1;
     *t = PyFloat_AsDouble(r);
@@ -743,6 +756,15 @@ PyInit__lane(void)
                           &s_count, &s_generation};
     for (int i = 0; i < 7; i++) {
         if ((*slots[i] = PyUnicode_InternFromString(names[i])) == NULL)
+            return NULL;
+    }
+    {
+        PyObject *time_module = PyImport_ImportModule("time");
+        if (time_module == NULL)
+            return NULL;
+        time_monotonic = PyObject_GetAttrString(time_module, "monotonic");
+        Py_DECREF(time_module);
+        if (time_monotonic == NULL)
             return NULL;
     }
     front_marks['S'] = 1;

@@ -318,6 +318,20 @@ def test_an_unmirrored_session_s_chunks_stay_in_the_lane(monkeypatch: pytest.Mon
     assert rig.primary.data == CYCLE * 4 and rig.client.data == ANSWER * 4
 
 
+def test_the_lane_reads_time_monotonic_s_clock_itself_on_the_same_scale() -> None:
+    # With the clock relay._clock normally is, the lane reads CLOCK_MONOTONIC
+    # without calling it: the times it keeps must be time.monotonic()'s.
+    assert relay_module._clock is time.monotonic
+    rig = unmirrored(True)
+    before = time.monotonic()
+    rig.send([CYCLE])
+    since = rig.session._lane.state()[3]
+    rig.answer([ANSWER])
+    after = time.monotonic()
+    assert before <= since <= after
+    assert 0.0 <= rig.stats.primary_latency.sum <= after - before
+
+
 def test_an_unmirrored_session_with_a_skipped_mirror_counts_in_python() -> None:
     rig = Rig(mirrored=False, lane=True)
     skipped: Any = type("Stats", (), {"skipped": 0})()
