@@ -25,7 +25,7 @@ from gateway import (
 
 from . import codec
 from .framewalk import IMPLEMENTATION
-from .relay import Lane, PgSession
+from .relay import LANE, PgSession
 from .replayer import PgReplayer, _send_cancel
 from .statements import StatementRegistry
 
@@ -111,5 +111,4 @@ def gateway_register_protocols(registry: ProtocolRegistry) -> None:
 @hookimpl
 def gateway_configured(config: object) -> None:
     log.info("postgres: frame headers read by the %s loop; unmirrored and dark sessions "
-             "counted by %s", IMPLEMENTATION,
-             "the C lane" if Lane is not None else "Python (the C lane is not built)")
+             "counted by %s", IMPLEMENTATION, LANE)

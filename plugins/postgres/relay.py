@@ -17,6 +17,7 @@ import asyncio
 import collections
 import enum
 import logging
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,13 @@ try:
     from ._lane import Lane
 except ImportError:  # not built: the methods below do all of its work
     Lane = None
+# MIRRORGATE_PG_LANE=off leaves every chunk to the Python below where the lane
+# is built too (to compare, or to rule the C lane out when chasing a bug).
+if Lane is not None and os.environ.get("MIRRORGATE_PG_LANE", "") == "off":
+    Lane = None
+    LANE = "Python (MIRRORGATE_PG_LANE=off)"
+else:
+    LANE = "the C lane" if Lane is not None else "Python (the C lane is not built)"
 from .statements import MAX_BYTES as _MAX_STATEMENT_FRAME
 
 if TYPE_CHECKING:

@@ -88,6 +88,45 @@ def test_mirror_down_clients_work_and_every_unit_is_mirror_unavailable(
     assert_balanced(c)
 
 
+def test_a_down_mirror_is_counted_alike_with_and_without_the_c_lane(
+    launch: Launcher, pg_primary: PgCluster, fresh_db: str, tmp_path: Any
+) -> None:
+    # pgbench -M prepared through two gateways whose only mirror refuses
+    # connections: one where the C lane counts the dark sessions' cycles,
+    # one where MIRRORGATE_PG_LANE=off leaves them to the session's Python.
+    # The same workload must be counted the same, unit for unit.
+    from tests.support.pgcluster import find_bindir
+
+    script = tmp_path / "select.sql"
+    script.write_text("SELECT 1;\n")
+    dead = free_port()  # nothing listens here
+    seen = []
+    for env in ({}, {"MIRRORGATE_PG_LANE": "off"}):
+        ports = GatewayPorts()
+        gw = launch(pg_config(ports, ("127.0.0.1", pg_primary.port),
+                              [_mirror("127.0.0.1", dead, timeout="1s")]), ports, env=env)
+        lane = "the C lane" if not env else "Python (MIRRORGATE_PG_LANE=off)"
+        if not env and "C lane is not built" in gw.log():
+            pytest.skip("the C lane is not built here")
+        assert f"unmirrored and dark sessions counted by {lane}" in gw.log()
+        result = subprocess.run(
+            [str(find_bindir() / "pgbench"), "-n", "-M", "prepared", "-c", "2", "-t", "300",
+             "-f", str(script), "-h", "127.0.0.1", "-p", str(ports.listen), "-U", "postgres",
+             fresh_db],
+            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+            env={**{k: v for k, v in os.environ.items() if not k.startswith("PG")},
+                 "PGPASSWORD": DEFAULT_PASSWORD})
+        assert result.returncode == 0, result.stderr
+        c = wait_at_rest(gw, MIRROR, clients=0)
+        assert_balanced(c)
+        assert c.delivered_total == 0
+        seen.append((gw.sample("mirrorgate_primary_units_total", listener="db"),
+                     c.offered, {k: v for k, v in c.dropped.items() if v}))
+    assert seen[0] == seen[1]
+    units, offered, dropped = seen[0]
+    assert units >= 600 and offered == units and dropped == {"mirror_unavailable": units}
+
+
 def test_hung_mirror_workload_completes_and_memory_is_bounded(
     launch: Launcher, pg_primary: PgCluster, fresh_db: str
 ) -> None:
