@@ -136,23 +136,26 @@ def launch(tmp_path: Path) -> Iterator[Launcher]:
 @pytest.fixture
 def gateway(tmp_path: Path, pg_primary: PgCluster, pg_mirror: PgCluster
             ) -> Iterator[Callable[..., Gateway]]:
-    """Factory: ``gateway(mirrors=None, listener=None, **mirror_options)`` -> Gateway.
+    """Factory: ``gateway(mirrors=None, listener=None, env=None, **mirror_options)``
+    -> Gateway.
 
     Without ``mirrors``, one mirror: pg_mirror with the superuser password and
     ``mirror_options`` as its ``[[listener.mirror]]`` keys (``queue`` defaults
-    to DEFAULT_QUEUE). Every gateway started
-    is stopped at teardown; a traceback in its log fails the test there.
+    to DEFAULT_QUEUE). ``env``: more environment for the gateway process.
+    Every gateway started is stopped at teardown; a traceback in its log fails
+    the test there.
     """
     started: list[Gateway] = []
 
     def start(mirrors: list[MirrorSpec] | None = None,
-              listener: Mapping[str, Any] | None = None, **options: Any) -> Gateway:
+              listener: Mapping[str, Any] | None = None,
+              env: Mapping[str, str] | None = None, **options: Any) -> Gateway:
         if mirrors is None:
             mirrors = [MirrorSpec(pg_mirror, options=options)]
         port, admin = free_port(), free_port()
         text = render_config(pg_primary, mirrors, port, admin, listener)
         workdir = tmp_path / f"gw{len(started)}"
-        proc = GatewayProcess(text, workdir=workdir)
+        proc = GatewayProcess(text, workdir=workdir, env=dict(env or {}))
         gw = Gateway(proc, port, pg_primary, mirrors)
         started.append(gw)
         proc.start()

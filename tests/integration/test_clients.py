@@ -457,3 +457,38 @@ def test_asyncpg_cancelled_query_leaves_connection_usable(
     assert_balanced(gw)
     assert dropped(gw) == 0
     assert outcome(gw, "error") == 1  # the cancelled sleep, on the mirror too
+
+
+# ------------------------------------------------------------ unmirrored sessions
+
+
+def test_an_unmirrored_session_relays_large_answers_exactly_and_counts_them(
+    gateway: GatewayFactory, fresh_db: str, pg_primary: PgCluster,
+) -> None:
+    # No mirror: the C lane forwards and counts every chunk, and a large
+    # answer arrives in chunks that split frame headers anywhere. What the
+    # client reads must be what the primary sends directly, and the units
+    # counted must be those the session's Python counts (MIRRORGATE_PG_LANE=off).
+    pg_primary.execute(
+        "CREATE TABLE big AS SELECT i, repeat(md5(i::text), i % 7) AS v "
+        "FROM generate_series(1, 30000) AS i", fresh_db)
+    query = "SELECT i, v FROM big ORDER BY i"
+
+    def workload(dsn: str) -> tuple[list[tuple[int, str]], bytes]:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            rows = conn.execute(query).fetchall()
+            for i in range(20):  # short extended-protocol cycles between the big ones
+                assert conn.execute("SELECT %s::int + 1", (i,)).fetchone() == (i + 1,)
+            with conn.cursor().copy(f"COPY ({query}) TO STDOUT") as copy:
+                copied = b"".join(bytes(block) for block in copy)
+        return rows, copied
+
+    direct = workload(pg_primary.dsn(dbname=fresh_db))
+    units = []
+    for env in ({}, {"MIRRORGATE_PG_LANE": "off"}):
+        gw = gateway(mirrors=[], env=env)
+        assert workload(gw.dsn(fresh_db)) == direct
+        units.append((gw.sample("mirrorgate_primary_units_total", listener=LISTENER),
+                      gw.sample("mirrorgate_primary_latency_seconds_count", listener=LISTENER)))
+    assert units[0] == units[1]
+    assert units[0][0] >= 22
