@@ -26,6 +26,7 @@ from gateway import ClientSession, ListenerContext, MirrorSet, Unit
 from . import codec
 from .console import ConsoleSession, admin_database
 from .framewalk import Cursor, FrameError, count, tally, walk
+from .statements import MAX_BYTES as _MAX_STATEMENT_FRAME
 
 try:
     from ._lane import Lane
@@ -38,7 +39,6 @@ if Lane is not None and os.environ.get("MIRRORGATE_PG_LANE", "") == "off":
     LANE = "Python (MIRRORGATE_PG_LANE=off)"
 else:
     LANE = "the C lane" if Lane is not None else "Python (the C lane is not built)"
-from .statements import MAX_BYTES as _MAX_STATEMENT_FRAME
 
 if TYPE_CHECKING:
     from .replayer import PgReplayer
@@ -894,8 +894,9 @@ class PgSession(asyncio.Protocol, ClientSession):
         if it stands at a unit boundary on both sides, the C lane counts its
         chunks from here."""
         lane = self._lane
-        if (self.mirrors is None or self._pending or self._held or self._ftail or self._fskip
-                or self._copy is not _NO_COPY or self._stmt is not None or self._back.tail):
+        if (lane is None or self.mirrors is None or self._pending or self._held or self._ftail
+                or self._fskip or self._copy is not _NO_COPY or self._stmt is not None
+                or self._back.tail):
             return
         mirrors = self.mirrors
         assert mirrors is not None
