@@ -10,11 +10,13 @@ setup(
         Extension(
             "gateway_postgres._framewalk",
             sources=["plugins/postgres/_framewalk.c"],
+            depends=["plugins/postgres/_frames.h"],
             optional=True,
         ),
         Extension(
             "gateway_postgres._lane",
             sources=["plugins/postgres/_lane.c"],
+            depends=["plugins/postgres/_frames.h"],
             optional=True,
         ),
     ]

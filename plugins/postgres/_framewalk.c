@@ -6,15 +6,9 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-static PyObject *FrameError;
+#include "_frames.h"
 
-/* The big-endian Int32 after a frame's type byte. */
-static inline int32_t
-frame_length(const unsigned char *p)
-{
-    return (int32_t)(((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16)
-                     | ((uint32_t)p[2] << 8) | (uint32_t)p[3]);
-}
+static PyObject *FrameError;
 
 static void
 frame_error(Py_ssize_t begin, unsigned char kind, int32_t length)
@@ -186,22 +180,11 @@ tally(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     {
         const unsigned char *p = (const unsigned char *)data.buf;
-        const unsigned char *act = (const unsigned char *)table.buf;
-        Py_ssize_t n = data.len;
-        while (pos >= 0 && n - pos >= 5) {
-            unsigned char kind = p[pos];
-            int32_t length = frame_length(p + pos + 1);
-            unsigned char a = act[kind];
-            if (length < 4) {
-                frame_error(pos, kind, length);
-                goto done;
-            }
-            pos += 1 + (Py_ssize_t)length;
-            flags |= a;
-            if (a & 1) {
-                found++;
-                last = pos;
-            }
+        int32_t length;
+        if (tally_frames(p, data.len, &pos, (const unsigned char *)table.buf, &found, &flags,
+                         &last, &length) < 0) {
+            frame_error(pos, p[pos], length);
+            goto done;
         }
     }
     result = ints(4, (Py_ssize_t[]){pos, found, flags, last});

@@ -25,6 +25,8 @@
 #include <Python.h>
 #include <time.h>
 
+#include "_frames.h"
+
 enum { OFF = 0, PLAIN = 1, DARK = 2 };
 /* The side of a chunk handed back; UNWRITTEN: not forwarded yet (the session
  * reads it from the start). */
@@ -67,16 +69,10 @@ typedef struct {
     Py_ssize_t head, npending, cap;
 } Lane;
 
-/* Frame types: Sync counts a request cycle; Query, FunctionCall, Parse,
- * Close and the COPY frames need the session's full scan. */
-static unsigned char front_marks[256];
-
-static inline int32_t
-frame_length(const unsigned char *p)
-{
-    return (int32_t)(((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16)
-                     | ((uint32_t)p[2] << 8) | (uint32_t)p[3]);
-}
+/* Frame types: on the client side Sync counts a request cycle, and Query,
+ * FunctionCall, Parse, Close and the COPY frames need the session's full
+ * scan; on the primary side ReadyForQuery counts an answer. */
+static unsigned char front_marks[256], back_marks[256];
 
 static void
 release_refs(Lane *self)
@@ -480,23 +476,14 @@ dark_front(Lane *self, PyObject *data)
 {
     const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(data);
     Py_ssize_t n = PyBytes_GET_SIZE(data), pos = 0, units = 0, last = -1;
-    int marks = 0, ask;
+    long marks = 0;
+    int32_t length;
+    int ask;
     double t;
     if (n > self->min_unit)
         return 0;
-    while (n - pos >= 5) {
-        unsigned char kind = p[pos];
-        int32_t length = frame_length(p + pos + 1);
-        unsigned char a = front_marks[kind];
-        if (length < 4)
-            return 0;
-        pos += 1 + (Py_ssize_t)length;
-        marks |= a;
-        if (a & 1) {
-            units++;
-            last = pos;
-        }
-    }
+    if (tally_frames(p, n, &pos, front_marks, &units, &marks, &last, &length) < 0)
+        return 0;
     if (marks != 1 || last != n)
         return 0;
     if (now(self, &t) < 0)
@@ -511,29 +498,18 @@ dark_front(Lane *self, PyObject *data)
     return 1;
 }
 
-/* Step over the primary's frames from self->skip: how many ReadyForQuery
- * frames, where the last one ends, where the walk stopped. 0, or 1 for a
- * length word below 4 (the session's scan reports it). */
+/* Step over the primary's frames from *pos: how many ReadyForQuery frames,
+ * where the last one ends, where the walk stopped. 0, or -1 for a length
+ * word below 4 (the session's scan reports it). */
 static inline int
 ready_frames(const unsigned char *p, Py_ssize_t n, Py_ssize_t *pos,
              Py_ssize_t *ready, Py_ssize_t *last)
 {
-    Py_ssize_t at = *pos, found = 0, end = -1;
-    while (n - at >= 5) {
-        unsigned char kind = p[at];
-        int32_t length = frame_length(p + at + 1);
-        if (length < 4)
-            return 1;
-        at += 1 + (Py_ssize_t)length;
-        if (kind == 'Z') {
-            found++;
-            end = at;
-        }
-    }
-    *pos = at;
-    *ready = found;
-    *last = end;
-    return 0;
+    long marks = 0;
+    int32_t length;
+    *ready = 0;
+    *last = -1;
+    return tally_frames(p, n, pos, back_marks, ready, &marks, last, &length);
 }
 
 /* Where the walk stopped: a split header kept, or bytes still to come. */
@@ -566,7 +542,7 @@ dark_back(Lane *self, PyObject *data)
         self->skip = pos - n;
         return 1;
     }
-    if (ready_frames(p, n, &pos, &ready, &last))
+    if (ready_frames(p, n, &pos, &ready, &last) < 0)
         return 0;
     if (ready && (last > n || ready > self->npending))
         return 0;  /* a status byte still to come, or an answer to nothing */
@@ -613,7 +589,7 @@ plain_back(Lane *self, PyObject *data)
         self->skip = pos - n;
         goto done;
     }
-    if (ready_frames(p, n, &pos, &ready, &last)) {
+    if (ready_frames(p, n, &pos, &ready, &last) < 0) {
         rc = 0;  /* the tail stays: the session joins it again */
         goto done;
     }
@@ -767,6 +743,7 @@ PyInit__lane(void)
         if (time_monotonic == NULL)
             return NULL;
     }
+    back_marks['Z'] = 1;
     front_marks['S'] = 1;
     for (const char *k = "QFPCdcf"; *k; k++)
         front_marks[(unsigned char)*k] = 2;
