@@ -59,7 +59,7 @@ typedef struct {
     int idle, counted;
     double down;
     Py_ssize_t min_unit;
-    PyObject *drops;     /* list of (MirrorStats, DropReason) */
+    PyObject *drops;     /* list of (MirrorStats, its dropped dict, DropReason) */
     PyObject *skipped;   /* list of MirrorStats */
     PyObject *changes;   /* the queue-change counter: .count */
     PyObject *asked;     /* its count when the mirrors were last asked */
@@ -278,6 +278,7 @@ static PyObject *
 lane_dark(Lane *self, PyObject *args)
 {
     PyObject *pw, *cw, *stats, *clock, *drops, *skipped, *changes, *asked, *ctx, *generation;
+    PyObject *kept;
     Py_ssize_t skip, min_unit;
     int idle;
     double down;
@@ -285,19 +286,34 @@ lane_dark(Lane *self, PyObject *args)
                           &down, &min_unit, &PyList_Type, &drops, &PyList_Type, &skipped,
                           &changes, &asked, &ctx, &generation))
         return NULL;
+    /* Each mirror's dropped dict is read once here, not once per chunk. */
+    if ((kept = PyList_New(PyList_GET_SIZE(drops))) == NULL)
+        return NULL;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(drops); i++) {
-        PyObject *d = PyList_GET_ITEM(drops, i);
+        PyObject *d = PyList_GET_ITEM(drops, i), *dropped, *triple;
         if (!PyTuple_Check(d) || PyTuple_GET_SIZE(d) != 2) {
             PyErr_SetString(PyExc_TypeError, "drops must be (stats, reason) pairs");
+            Py_DECREF(kept);
             return NULL;
         }
+        dropped = PyObject_GetAttr(PyTuple_GET_ITEM(d, 0), s_dropped);
+        triple = dropped != NULL ? PyTuple_Pack(3, PyTuple_GET_ITEM(d, 0), dropped,
+                                                PyTuple_GET_ITEM(d, 1)) : NULL;
+        Py_XDECREF(dropped);
+        if (triple == NULL) {
+            Py_DECREF(kept);
+            return NULL;
+        }
+        PyList_SET_ITEM(kept, i, triple);
     }
-    if (common_args(self, pw, cw, stats, clock, skip, Py_None) < 0)
+    if (common_args(self, pw, cw, stats, clock, skip, Py_None) < 0) {
+        Py_DECREF(kept);
         return NULL;
+    }
     self->idle = idle;
     self->down = down;
     self->min_unit = min_unit;
-    self->drops = Py_NewRef(drops);
+    self->drops = kept;
     self->skipped = Py_NewRef(skipped);
     self->changes = Py_NewRef(changes);
     self->asked = Py_NewRef(asked);
@@ -439,13 +455,11 @@ static int
 count_drops(Lane *self, Py_ssize_t units)
 {
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(self->drops); i++) {
-        PyObject *pair = PyList_GET_ITEM(self->drops, i);
-        PyObject *stats = PyTuple_GET_ITEM(pair, 0), *reason = PyTuple_GET_ITEM(pair, 1);
-        PyObject *dropped, *v, *by, *sum;
+        PyObject *triple = PyList_GET_ITEM(self->drops, i);
+        PyObject *stats = PyTuple_GET_ITEM(triple, 0), *dropped = PyTuple_GET_ITEM(triple, 1);
+        PyObject *reason = PyTuple_GET_ITEM(triple, 2), *v, *by, *sum;
         int rc;
         if (add_attr(stats, s_offered, units) < 0)
-            return -1;
-        if ((dropped = PyObject_GetAttr(stats, s_dropped)) == NULL)
             return -1;
         v = PyObject_GetItem(dropped, reason);
         by = v != NULL ? PyLong_FromSsize_t(units) : NULL;
@@ -454,7 +468,6 @@ count_drops(Lane *self, Py_ssize_t units)
         Py_XDECREF(by);
         rc = sum != NULL ? PyObject_SetItem(dropped, reason, sum) : -1;
         Py_XDECREF(sum);
-        Py_DECREF(dropped);
         if (rc < 0)
             return -1;
     }
