@@ -163,12 +163,17 @@ class Cursor:
         except FrameError as exc:
             bad = exc.args
             pos, hits = walk(data[:bad[0]], pos, table)
-        if pos < n:
-            self.tail = data[pos:]  # a split header
+        self.stop(data, pos)
+        return data, hits, bad
+
+    def stop(self, data: bytes, pos: int) -> None:
+        """A walk over ``data`` stopped at ``pos`` (its ``next``): keep a
+        split header, or note the bytes of the last frame still to come."""
+        if pos < len(data):
+            self.tail = data[pos:]
             self.skip = 0
         else:
-            self.skip = pos - n
-        return data, hits, bad
+            self.skip = pos - len(data)
 
     def hold(self, data: bytes, begin: int) -> None:
         """Keep ``data`` from ``begin`` (a frame the reader needs whole) for the next chunk."""

@@ -776,8 +776,7 @@ class PgSession(asyncio.Protocol, ClientSession):
 
         :returns: whether it did; if not, the full scan reads ``data``.
         """
-        # Cursor.walk's steps, as in _count_back, with tally() for walk():
-        # this runs per chunk of a dark session, so the steps are not a call.
+        # Cursor.walk's steps, with tally() for walk().
         back = self._back
         if back.tail:
             return False
@@ -793,11 +792,7 @@ class PgSession(asyncio.Protocol, ClientSession):
         pending = self._pending
         if ready and (last > n or ready > len(pending)):
             return False  # a status byte still to come, or an answer to nothing
-        if pos < n:
-            back.tail = data[pos:]  # a split header
-            back.skip = 0
-        else:
-            back.skip = pos - n
+        back.stop(data, pos)
         if ready:
             stats = self.stats
             stats.primary_units += ready
@@ -814,10 +809,10 @@ class PgSession(asyncio.Protocol, ClientSession):
         Each one completes a unit; its latency runs from the first client chunk
         after the primary last answered (per unit for request/response clients,
         from the start of the burst for pipelining ones). Sessions that sampling
-        left out count their units as skipped here. Runs once per chunk of
-        every unmirrored session, so it is one function.
+        left out count their units as skipped here. Where the C lane is built,
+        it does this instead for unmirrored sessions without a skipped mirror.
         """
-        # Cursor.walk's steps, with count() for walk(): this runs per chunk.
+        # Cursor.walk's steps, with count() for walk().
         back = self._back
         if back.tail:
             data = back.tail + data
@@ -833,11 +828,7 @@ class PgSession(asyncio.Protocol, ClientSession):
         except FrameError as exc:
             bad = exc.args  # the frames before it still count
             pos, ready = count(data[:bad[0]], pos, _B_READY)
-        if pos < n:
-            back.tail = data[pos:]  # a split header
-            back.skip = 0
-        else:
-            back.skip = pos - n
+        back.stop(data, pos)
         if ready:
             stats = self.stats
             stats.primary_units += ready
