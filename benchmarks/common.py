@@ -1,7 +1,8 @@
 # What every benchmark script does the same way: read a relay process's tree
 # and CPU time from /proc, start the bare pump, stop a child process or a
-# gateway, wait for a gateway's mirrors to drain, say how far a median of
-# rounds can be trusted, and quote logs and errors in a report.
+# gateway, wait for a gateway's mirrors to drain, order the paths of a round,
+# say how far a median of rounds can be trusted, and quote logs and errors in
+# a report.
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,7 @@ from tests.support.net import free_port, wait_listening
 
 __all__ = [
     "brief", "cpu_seconds", "cpu_split", "family", "last_lines", "median_interval",
-    "start_pump", "stop_gateway", "tail", "terminate", "wait_drained",
+    "round_order", "start_pump", "stop_gateway", "tail", "terminate", "wait_drained",
 ]
 
 PUMP = Path(__file__).resolve().parent / "pump.py"
@@ -137,6 +138,14 @@ def brief(error: str) -> str:
     lines = error.strip().splitlines() or ["?"]
     text = lines[0] if len(lines) == 1 else f"{lines[0].split(':')[0]}: {lines[-1].strip()}"
     return text.replace("|", "\\|")
+
+
+def round_order(names: Sequence[str], rnd: int) -> list[str]:
+    """The paths in the order round ``rnd`` runs them: as given in even rounds,
+    reversed in odd ones (A B C, C B A, ...), so that no path always runs first,
+    or always right after the same one, and a drift of the machine across a
+    round falls on every path alike over two rounds."""
+    return list(names) if rnd % 2 == 0 else list(reversed(names))
 
 
 def median_interval(values: Sequence[float], want: float = 0.9

@@ -5,8 +5,9 @@
 # (slow_server.py, every answer after 200 ms), a front nginx (proxy_pass,
 # proxy_pass + mirror, proxy_pass + mirror to the slow one), and the gateway
 # in three configs; then wrk with 4 KiB POSTs (post.lua) against every path,
-# alternating the paths within each round, and a table of requests/s and p99
-# latency with the ratios that issue 3 sets targets for. Knows the gateway
+# alternating the paths within each round (in reverse order every other
+# round), and a table of requests/s and p99 latency with the ratios that
+# issue 3 sets targets for. Knows the gateway
 # only through its CLI, config file and /metrics (tests/support/gateway.py).
 #
 #   python benchmarks/http/run.py [--rounds 2] [--duration 6] [--only direct,nginx]
@@ -37,6 +38,7 @@ from benchmarks.common import (  # noqa: E402
     cpu_seconds,
     failures_section,
     last_lines,
+    round_order,
     start_pump,
     stop_gateway,
     tail,
@@ -500,7 +502,8 @@ def report(bench: Bench) -> str:
         f"{os.cpu_count()} CPUs, Python {platform.python_version()}, {tool_versions()}.",
         f"wrk -t{a.threads} -c{a.connections} -d{a.duration}s --latency, POST {URL_PATH} with "
         "a 4096-byte application/x-protobuf body (post.lua); "
-        f"{a.rounds} round(s), paths alternated within each round; req/s, p99 and relay CPU "
+        f"{a.rounds} round(s), paths alternated within each round, in reverse order every "
+        f"other round; req/s, p99 and relay CPU "
         "per request (user + system of the gateway, or of the front nginx and its workers, "
         "from /proc) are medians over the runs without errors (any non-2xx response or "
         "socket error fails a run). "
@@ -579,7 +582,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def measure(bench: Bench) -> None:
     for rnd in range(bench.args.rounds):
-        for name, path in bench.paths.items():
+        for name in round_order(list(bench.paths), rnd):
+            path = bench.paths[name]
             if path.error:
                 continue
             try:

@@ -4,7 +4,8 @@
 # primary and mirror clusters (pgbench -i -s 5), pgbouncer 1.18 in session
 # mode, the bare byte pump (pump.py), a hung mirror (accepts, never reads),
 # a down one (refuses connections), and the gateway in four configs; then
-# pgbench against every path, alternating the paths within each round, and a
+# pgbench against every path, alternating the paths within each round (in
+# reverse order every other round), and a
 # table of TPS, p99 latency and peak RSS as ratios to pgbouncer. Knows the
 # gateway only through its CLI, config file and /metrics
 # (tests/support/gateway.py).
@@ -41,6 +42,7 @@ from benchmarks.common import (  # noqa: E402
     family,
     last_lines,
     median_interval,
+    round_order,
     start_pump,
     stop_gateway,
     tail,
@@ -413,7 +415,8 @@ def report(bench: Bench) -> str:
         f"{datetime.datetime.now().isoformat(timespec='seconds')}, {platform.node()}, "
         f"{os.cpu_count()} CPUs, Python {platform.python_version()}.",
         f"pgbench -M prepared -c {a.clients} -j {a.jobs} -T {a.duration}, "
-        f"{a.rounds} round(s), paths alternated within each round; "
+        f"{a.rounds} round(s), paths alternated within each round, "
+        "in reverse order every other round; "
         "TPS, p99 and relay CPU per transaction (user + system, and the user part, "
         "from /proc) are medians "
         "over rounds, RSS the largest peak (VmHWM) of the relay.",
@@ -512,8 +515,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {status}", flush=True)
         for rnd in range(args.rounds):
             for workload in WORKLOADS:
-                for name, path in bench.paths.items():
-                    key = (name, workload)
+                for name in round_order(list(bench.paths), rnd):
+                    path, key = bench.paths[name], (name, workload)
                     if path.error or key in bench.failures:
                         continue
                     try:
