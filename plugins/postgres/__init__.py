@@ -25,7 +25,7 @@ from gateway import (
 
 from . import codec
 from .framewalk import IMPLEMENTATION
-from .relay import LANE, PgSession
+from .relay import LANE, PgSession, Poller
 from .replayer import PgReplayer, _send_cancel
 from .statements import StatementRegistry
 
@@ -61,6 +61,7 @@ class PostgresProtocol(ProtocolHandler):
     def __init__(self, context: ListenerContext) -> None:
         super().__init__(context)
         self.sessions_by_key: dict[tuple[int, bytes], PgSession] = {}
+        self._poller: Poller | None = None
         self.reconfigure()
 
     def reconfigure(self) -> None:
@@ -71,6 +72,22 @@ class PostgresProtocol(ProtocolHandler):
 
     def client_protocol(self) -> asyncio.Protocol:
         return PgSession(self)
+
+    def lane_poller(self) -> Poller | None:
+        """The epoll set whose sockets the listener's sessions' C lanes read
+        themselves (relay.py, _lane.c), watched by the event loop; made at the
+        first session that needs it. None where the lane is not built."""
+        if self._poller is None and Poller is not None:
+            poller = Poller()
+            asyncio.get_running_loop().add_reader(poller.fileno(), poller.poll)
+            self._poller = poller
+        return self._poller
+
+    async def aclose(self) -> None:
+        poller, self._poller = self._poller, None
+        if poller is not None:
+            asyncio.get_running_loop().remove_reader(poller.fileno())
+            poller.close()
 
     def open_mirrors(self, session: PgSession) -> MirrorSet:
         """Choose this session's mirrors (``exposure``, once per session)."""

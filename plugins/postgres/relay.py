@@ -29,16 +29,24 @@ from .framewalk import Cursor, FrameError, count, tally, walk
 from .statements import MAX_BYTES as _MAX_STATEMENT_FRAME
 
 try:
-    from ._lane import Lane
+    from ._lane import Lane, Poller
 except ImportError:  # not built: the methods below do all of its work
-    Lane = None
+    Lane = Poller = None
 # MIRRORGATE_PG_LANE=off leaves every chunk to the Python below where the lane
-# is built too (to compare, or to rule the C lane out when chasing a bug).
-if Lane is not None and os.environ.get("MIRRORGATE_PG_LANE", "") == "off":
-    Lane = None
+# is built too (to compare, or to rule the C lane out when chasing a bug);
+# MIRRORGATE_PG_LANE=transports keeps the lane but leaves the sockets to the
+# event loop's transports (see PgSession._lane_own).
+_LANE_SWITCH = os.environ.get("MIRRORGATE_PG_LANE", "")
+if Lane is not None and _LANE_SWITCH == "off":
+    Lane = Poller = None
     LANE = "Python (MIRRORGATE_PG_LANE=off)"
+elif Lane is None:
+    LANE = "Python (the C lane is not built)"
+elif _LANE_SWITCH == "transports":
+    Poller = None
+    LANE = "the C lane, on the event loop's transports (MIRRORGATE_PG_LANE=transports)"
 else:
-    LANE = "the C lane" if Lane is not None else "Python (the C lane is not built)"
+    LANE = "the C lane, reading its sessions' sockets itself"
 
 if TYPE_CHECKING:
     from .replayer import PgReplayer
@@ -116,6 +124,18 @@ class CopyMode(enum.Enum):
 
 
 _NO_COPY = CopyMode.NONE
+
+
+def _plain_fd(transport: asyncio.Transport) -> int:
+    """The socket of a plain TCP transport that reads and has nothing
+    buffered to write, else -1: only such a socket may be read and written
+    by the lane instead."""
+    if (transport.is_closing() or not transport.is_reading()
+            or transport.get_write_buffer_size()
+            or transport.get_extra_info("sslcontext") is not None):
+        return -1
+    sock = transport.get_extra_info("socket")
+    return sock.fileno() if sock is not None else -1
 
 
 class PrimaryLink(asyncio.Protocol):
@@ -879,6 +899,7 @@ class PgSession(asyncio.Protocol, ClientSession):
         self._lane.plain(self.primary.write, self.client.write,  # type: ignore[union-attr]
                          self.stats, _clock, back.skip, back.tail, self._waiting_since,
                          self._answered_since)
+        self._lane_own()
 
     def _lane_dark(self) -> None:
         """A dark session with nothing pending, between two primary chunks:
@@ -895,6 +916,44 @@ class PgSession(asyncio.Protocol, ClientSession):
         lane.dark(self.primary.write, self.client.write, self.stats, _clock,  # type: ignore[union-attr]
                   self._back.skip, self._idle, self._down_until, self._min_unit, drops, skipped,
                   mirrors.changes, mirrors.asked, self.ctx, self._generation)
+        self._lane_own()
+
+    def _lane_own(self) -> None:
+        """The lane is on: let it read and write both sockets itself (the
+        listener's Poller), when the transports are plain TCP, reading, and
+        have nothing buffered to write. They stop reading until the lane
+        gives the sockets back (``_lane_disowned``): at a chunk it hands back,
+        an end of file or error, a failed write, or the session's end."""
+        poller = self.handler.lane_poller() if Poller is not None else None
+        client, primary = self.client, self.primary
+        if poller is None or client is None or primary is None:
+            return
+        cfd, pfd = _plain_fd(client), _plain_fd(primary)
+        if cfd < 0 or pfd < 0:
+            return
+        client.pause_reading()
+        primary.pause_reading()
+        self._lane.own(poller, cfd, pfd, self._lane_disowned)
+
+    def _lane_disowned(self, exc: BaseException | None, to_primary: bytes | None,
+                       to_client: bytes | None) -> None:
+        """The lane gave the sockets back: the transports read them again and
+        write what the lane had not written yet. ``exc``: the lane's work on
+        a chunk raised (a bug): the session ends, as when a protocol raises."""
+        client, primary = self.client, self.primary
+        assert client is not None and primary is not None
+        for transport in (client, primary):
+            if not transport.is_closing():
+                transport.resume_reading()
+        if to_primary is not None and not primary.is_closing():
+            primary.write(to_primary)
+        if to_client is not None and not client.is_closing():
+            client.write(to_client)
+        if exc is not None:
+            asyncio.get_running_loop().call_exception_handler({
+                "message": "the Postgres lane failed on a chunk; session closed",
+                "exception": exc, "protocol": self})
+            self.abort()
 
     def _handoff(self, side: int, data: bytes, state: tuple[Any, ...]) -> None:
         """The lane gives a chunk back (and stops): take its state and read
@@ -1004,6 +1063,8 @@ class PgSession(asyncio.Protocol, ClientSession):
         }
 
     def abort(self) -> None:
+        if self._lane is not None:
+            self._lane.release()  # before the transports close the sockets it reads
         if self.client is not None:
             self.client.abort()
         if self.primary is not None:

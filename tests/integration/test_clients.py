@@ -465,30 +465,39 @@ def test_asyncpg_cancelled_query_leaves_connection_usable(
 def test_an_unmirrored_session_relays_large_answers_exactly_and_counts_them(
     gateway: GatewayFactory, fresh_db: str, pg_primary: PgCluster,
 ) -> None:
-    # No mirror: the C lane forwards and counts every chunk, and a large
-    # answer arrives in chunks that split frame headers anywhere. What the
-    # client reads must be what the primary sends directly, and the units
-    # counted must be those the session's Python counts (MIRRORGATE_PG_LANE=off).
+    # No mirror: the C lane reads and writes both sockets itself, forwarding
+    # and counting every chunk, and a large answer arrives in chunks that
+    # split frame headers anywhere; a client that stops reading for a while
+    # holds the primary back. What the client reads must be what the primary
+    # sends directly, and the units counted must be those the lane counts on
+    # the event loop's transports (MIRRORGATE_PG_LANE=transports) and the
+    # session's Python counts (MIRRORGATE_PG_LANE=off).
     pg_primary.execute(
         "CREATE TABLE big AS SELECT i, repeat(md5(i::text), i % 7) AS v "
         "FROM generate_series(1, 30000) AS i", fresh_db)
     query = "SELECT i, v FROM big ORDER BY i"
+    wide = "SELECT i, repeat(md5(i::text), 32) FROM generate_series(1, 20000) AS i"
 
-    def workload(dsn: str) -> tuple[list[tuple[int, str]], bytes]:
+    def workload(dsn: str) -> tuple[list[tuple[int, str]], bytes, list[tuple[int, str]]]:
         with psycopg.connect(dsn, autocommit=True) as conn:
             rows = conn.execute(query).fetchall()
             for i in range(20):  # short extended-protocol cycles between the big ones
                 assert conn.execute("SELECT %s::int + 1", (i,)).fetchone() == (i + 1,)
             with conn.cursor().copy(f"COPY ({query}) TO STDOUT") as copy:
                 copied = b"".join(bytes(block) for block in copy)
-        return rows, copied
+            streamed = []  # 20 MB, read row by row with pauses: the client falls behind
+            for n, row in enumerate(conn.cursor().stream(wide)):
+                if n % 5000 == 0:
+                    time.sleep(0.3)
+                streamed.append(row)
+        return rows, copied, streamed
 
     direct = workload(pg_primary.dsn(dbname=fresh_db))
     units = []
-    for env in ({}, {"MIRRORGATE_PG_LANE": "off"}):
+    for env in ({}, {"MIRRORGATE_PG_LANE": "transports"}, {"MIRRORGATE_PG_LANE": "off"}):
         gw = gateway(mirrors=[], env=env)
         assert workload(gw.dsn(fresh_db)) == direct
         units.append((gw.sample("mirrorgate_primary_units_total", listener=LISTENER),
                       gw.sample("mirrorgate_primary_latency_seconds_count", listener=LISTENER)))
-    assert units[0] == units[1]
+    assert units[0] == units[1] == units[2]
     assert units[0][0] >= 22

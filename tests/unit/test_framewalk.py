@@ -71,7 +71,12 @@ def test_the_c_lane_is_in_use_where_it_was_built() -> None:
     if os.environ.get("MIRRORGATE_PG_LANE") == "off":
         pytest.skip("the C lane is switched off in this environment")
     assert relay.Lane is not None and relay.PgSession._lane_type is relay.Lane
-    assert relay.LANE == "the C lane"
+    if os.environ.get("MIRRORGATE_PG_LANE") == "transports":
+        assert relay.Poller is None
+        assert relay.LANE.startswith("the C lane, on the event loop's transports")
+    else:
+        assert relay.Poller is not None
+        assert relay.LANE == "the C lane, reading its sessions' sockets itself"
 
 
 @given(data=st.one_of(frames, st.binary(max_size=200)), kind=st.integers(0, 255),

@@ -165,6 +165,9 @@ class Handler:
     def open_mirrors(self, session: PgSession) -> RecordingMirrors:
         return RecordingMirrors()
 
+    def lane_poller(self) -> None:
+        return None  # the rig's transports have no sockets for the lane to read
+
 
 class PythonSession(PgSession):
     """A session without the C lane: its Python does every chunk's work."""
