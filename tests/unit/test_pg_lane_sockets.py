@@ -63,6 +63,11 @@ class Ends:
             got += chunk
         return bytes(got)
 
+    async def ask(self) -> bytes:
+        """The client sends a request cycle: what the primary reads of it."""
+        await asyncio.get_running_loop().sock_sendall(self.client, CYCLE)
+        return await self.read(self.primary, len(CYCLE))
+
     async def eof(self, sock: socket.socket) -> bool:
         loop = asyncio.get_running_loop()
         while True:
@@ -115,8 +120,7 @@ def test_the_lane_forwards_and_counts_on_the_sockets_it_owns(loop_kind: str) -> 
         ends = await owned()
         loop = asyncio.get_running_loop()
         for i in range(1, 51):
-            await loop.sock_sendall(ends.client, CYCLE)
-            assert await ends.read(ends.primary, len(CYCLE)) == CYCLE
+            assert await ends.ask() == CYCLE
             await loop.sock_sendall(ends.primary, ANSWER)
             assert await ends.read(ends.client, len(ANSWER)) == ANSWER
             assert ends.session.stats.primary_units == i
@@ -134,8 +138,7 @@ def test_a_slow_client_holds_the_primary_back_and_loses_nothing(loop_kind: str) 
         loop = asyncio.get_running_loop()
         row = codec.frame(b"D", b"\0\x01\0\0\x04\0" + b"x" * 1024)
         answer = row * 16384 + codec.frame(b"C", b"SELECT 16384\0") + codec.ready_for_query(b"I")
-        await loop.sock_sendall(ends.client, CYCLE)
-        await ends.read(ends.primary, len(CYCLE))
+        await ends.ask()
         sending = asyncio.ensure_future(loop.sock_sendall(ends.primary, answer))
         await asyncio.sleep(0.3)
         # 16 MiB, the client reads nothing: the lane stopped reading the
@@ -154,9 +157,7 @@ def test_a_slow_client_holds_the_primary_back_and_loses_nothing(loop_kind: str) 
 def test_the_client_going_away_ends_the_session_through_the_transports(loop_kind: str) -> None:
     async def test() -> None:
         ends = await owned()
-        loop = asyncio.get_running_loop()
-        await loop.sock_sendall(ends.client, CYCLE)
-        await ends.read(ends.primary, len(CYCLE))
+        await ends.ask()
         ends.client.close()
         # The lane reads the end of file and gives the sockets back; the
         # client transport reads it again and the session ends as always,
@@ -173,8 +174,7 @@ def test_a_chunk_handed_back_gives_the_sockets_back_to_the_transports(loop_kind:
     async def test() -> None:
         ends = await owned()
         loop = asyncio.get_running_loop()
-        await loop.sock_sendall(ends.client, CYCLE)
-        await ends.read(ends.primary, len(CYCLE))
+        await ends.ask()
         # A length word below 4: the lane leaves the chunk to the session's
         # Python, after forwarding it.
         bad = b"Z\0\0\0\x02"
@@ -185,8 +185,7 @@ def test_a_chunk_handed_back_gives_the_sockets_back_to_the_transports(loop_kind:
         assert not session._lane.owning
         assert session.client.is_reading() and session.primary.is_reading()  # type: ignore[union-attr]
         # The transports carry the session on.
-        await loop.sock_sendall(ends.client, CYCLE)
-        assert await ends.read(ends.primary, len(CYCLE)) == CYCLE
+        assert await ends.ask() == CYCLE
 
     run(test, loop_kind)
 
@@ -195,8 +194,29 @@ def test_a_chunk_handed_back_gives_the_sockets_back_to_the_transports(loop_kind:
 def test_the_session_s_abort_takes_the_sockets_back_before_they_close(loop_kind: str) -> None:
     async def test() -> None:
         ends = await owned()
-        ends.session.abort()
-        assert not ends.session._lane.owning
+        session = ends.session
+        owning_at_close: list[bool] = []
+
+        class Watched:
+            """The client transport, noting whether the lane still owned
+            the sockets when it was aborted."""
+
+            def __init__(self, transport: Any) -> None:
+                self.transport = transport
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self.transport, name)
+
+            def abort(self) -> None:
+                owning_at_close.append(session._lane.owning)
+                self.transport.abort()
+
+        session.client = Watched(session.client)  # type: ignore[assignment]
+        session.abort()
+        # The lane let go before the transports closed the sockets (their
+        # numbers could be reused at once, by a socket another lane owns).
+        assert owning_at_close == [False]
+        assert not session._lane.owning
         assert await ends.eof(ends.client)
         assert await ends.eof(ends.primary)
 
@@ -221,8 +241,7 @@ def test_a_failure_in_the_lane_ends_that_session_and_is_reported(loop_kind: str)
         reported: list[dict[str, Any]] = []
         loop.set_exception_handler(lambda _, context: reported.append(context))
         ends = await owned(FailingStats("t"))
-        await loop.sock_sendall(ends.client, CYCLE)
-        await ends.read(ends.primary, len(CYCLE))
+        await ends.ask()
         await loop.sock_sendall(ends.primary, ANSWER)
         # The answer was forwarded before counting failed; then the session
         # ends, as when a protocol's data_received raises.
