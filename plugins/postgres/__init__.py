@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import attrs
 
@@ -25,7 +26,7 @@ from gateway import (
 
 from . import codec
 from .framewalk import IMPLEMENTATION
-from .relay import LANE, PgSession, Poller
+from .relay import LANE, PgSession, lane_poller
 from .replayer import PgReplayer, _send_cancel
 from .statements import StatementRegistry
 
@@ -61,7 +62,6 @@ class PostgresProtocol(ProtocolHandler):
     def __init__(self, context: ListenerContext) -> None:
         super().__init__(context)
         self.sessions_by_key: dict[tuple[int, bytes], PgSession] = {}
-        self._poller: Poller | None = None
         self.reconfigure()
 
     def reconfigure(self) -> None:
@@ -73,21 +73,11 @@ class PostgresProtocol(ProtocolHandler):
     def client_protocol(self) -> asyncio.Protocol:
         return PgSession(self)
 
-    def lane_poller(self) -> Poller | None:
-        """The epoll set whose sockets the listener's sessions' C lanes read
-        themselves (relay.py, _lane.c), watched by the event loop; made at the
-        first session that needs it. None where the lane is not built."""
-        if self._poller is None and Poller is not None:
-            poller = Poller()
-            asyncio.get_running_loop().add_reader(poller.fileno(), poller.poll)
-            self._poller = poller
-        return self._poller
-
-    async def aclose(self) -> None:
-        poller, self._poller = self._poller, None
-        if poller is not None:
-            asyncio.get_running_loop().remove_reader(poller.fileno())
-            poller.close()
+    def lane_poller(self) -> Any:
+        """The epoll set where the C lanes of this listener's sessions own
+        their sockets (relay.lane_poller: one per event loop); None where
+        the lane is not built or does not read sockets."""
+        return lane_poller()
 
     def open_mirrors(self, session: PgSession) -> MirrorSet:
         """Choose this session's mirrors (``exposure``, once per session)."""

@@ -126,6 +126,25 @@ class CopyMode(enum.Enum):
 _NO_COPY = CopyMode.NONE
 
 
+_poller: tuple[asyncio.AbstractEventLoop, Any] | None = None
+
+
+def lane_poller() -> Any:
+    """The epoll set of the sockets C lanes own (``PgSession._lane_own``) on
+    the running event loop: one per loop, made at the first session that
+    needs it, and watched by the loop for as long as it runs, whatever
+    listeners come and go. None where the lane does not read sockets."""
+    global _poller
+    if Poller is None:
+        return None
+    loop = asyncio.get_running_loop()
+    if _poller is None or _poller[0] is not loop:
+        poller = Poller()
+        loop.add_reader(poller.fileno(), poller.poll)
+        _poller = (loop, poller)
+    return _poller[1]
+
+
 def _plain_fd(transport: asyncio.Transport) -> int:
     """The socket of a plain TCP transport that reads and has nothing
     buffered to write, else -1: only such a socket may be read and written
@@ -921,10 +940,11 @@ class PgSession(asyncio.Protocol, ClientSession):
     def _lane_own(self) -> None:
         """The lane is on: let it read and write both sockets itself (the
         listener's Poller), when the transports are plain TCP, reading, and
-        have nothing buffered to write. They stop reading until the lane
+        have nothing buffered to write (the handler's ``lane_poller``: the
+        listener's, ``lane_poller`` above). They stop reading until the lane
         gives the sockets back (``_lane_disowned``): at a chunk it hands back,
         an end of file or error, a failed write, or the session's end."""
-        poller = self.handler.lane_poller() if Poller is not None else None
+        poller = self.handler.lane_poller()
         client, primary = self.client, self.primary
         if poller is None or client is None or primary is None:
             return

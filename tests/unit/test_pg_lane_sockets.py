@@ -33,17 +33,10 @@ ANSWER = (codec.frame(b"2", b"") + codec.frame(b"D", b"\0\x01\0\0\0\x011")
 
 
 class SocketHandler(Handler):
-    """The test rig's handler, with the listener's Poller as the plugin makes it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.poller: Any = None
+    """The test rig's handler, with the event loop's Poller as the plugin has it."""
 
     def lane_poller(self) -> Any:
-        if self.poller is None:
-            self.poller = relay_module.Poller()
-            asyncio.get_running_loop().add_reader(self.poller.fileno(), self.poller.poll)
-        return self.poller
+        return relay_module.lane_poller()
 
 
 class Ends:
