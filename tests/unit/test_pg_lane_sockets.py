@@ -1,6 +1,6 @@
 """The C lane reading and writing a session's sockets itself (_lane.c's Poller).
 
-A session on real socket pairs, under the event loop the gateway runs on and
+A session on real loopback TCP connections, under the event loop the gateway runs on and
 under asyncio's own: what the lane forwards while it owns the sockets, how
 it holds back a fast side for a slow one, and how it gives the sockets back
 to the transports (at an end of file, a chunk it hands back, the session's
@@ -69,14 +69,24 @@ class Ends:
                 return True
 
 
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """Two connected loopback TCP sockets: the gateway's end, and the far one.
+    (A peer closing a TCP socket is an end of file to read, where a closed
+    Unix socket pair also reports a hang-up.)"""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        far = socket.create_connection(server.getsockname())
+        near, _ = server.accept()
+    return near, far
+
+
 async def owned(stats: Any = None) -> Ends:
     loop = asyncio.get_running_loop()
     handler = SocketHandler()
     if stats is not None:
         handler.context.stats = stats
     session = PgSession(handler)
-    gw_client, client = socket.socketpair()
-    gw_primary, primary = socket.socketpair()
+    gw_client, client = tcp_pair()
+    gw_primary, primary = tcp_pair()
     for sock in (client, primary):
         sock.setblocking(False)
     await loop.connect_accepted_socket(lambda: session, gw_client)
