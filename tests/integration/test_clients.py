@@ -501,3 +501,49 @@ def test_an_unmirrored_session_relays_large_answers_exactly_and_counts_them(
                       gw.sample("mirrorgate_primary_latency_seconds_count", listener=LISTENER)))
     assert units[0] == units[1] == units[2]
     assert units[0][0] >= 22
+
+
+def test_an_unmirrored_session_s_lane_passes_notifications_cancels_and_a_terminated_backend(
+    gateway: GatewayFactory, fresh_db: str, pg_primary: PgCluster,
+) -> None:
+    # The C lane owns these sessions' sockets: what the primary sends
+    # unasked (a notification, the error of a cancelled statement, the
+    # FATAL of a terminated backend and its close) must reach the client as
+    # directly, and the gateway must see the session end.
+    gw = gateway(mirrors=[])
+    received: list[tuple[str, str]] = []
+    cancels = _cancel_count(pg_primary)
+
+    async def main() -> None:
+        listener = await _aconnect(gw, fresh_db)
+        sender = await _aconnect(gw, fresh_db)
+        try:
+            got = asyncio.Event()
+
+            def on_notify(conn: object, pid: int, channel: str, payload: str) -> None:
+                received.append((channel, payload))
+                got.set()
+
+            await listener.add_listener("events", on_notify)
+            await sender.execute("NOTIFY events, 'hello'")
+            await asyncio.wait_for(got.wait(), 10)
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(sender.execute("select pg_sleep(10)"), 0.5)
+            assert await sender.fetchval("SELECT 42") == 42
+            pid = await sender.fetchval("SELECT pg_backend_pid()")
+            pg_primary.execute(f"SELECT pg_terminate_backend({pid})", fresh_db)
+            with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):
+                await asyncio.wait_for(sender.fetchval("SELECT 1"), 10)
+            assert await listener.fetchval("SELECT 2") == 2  # the other session carries on
+        finally:
+            await sender.close()
+            await listener.close()
+
+    asyncio.run(main())
+    assert received == [("events", "hello")]
+    assert _cancel_count(pg_primary) == cancels + 1
+    deadline = time.monotonic() + 10
+    while (gw.sample("mirrorgate_client_connections", listener=LISTENER)
+           and time.monotonic() < deadline):
+        time.sleep(0.05)
+    assert gw.sample("mirrorgate_client_connections", listener=LISTENER) == 0
