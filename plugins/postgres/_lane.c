@@ -18,7 +18,7 @@
  * count.
  *
  * While on, a Lane may also own the session's two sockets (own, Poller
- * below): it reads them itself from the listener's epoll set and writes
+ * below): it reads them itself from the event loop's epoll set and writes
  * them directly, and the event loop's transports stop reading until it gives
  * them back (disown: end of file, an error, a chunk handed back, the
  * session's end).
