@@ -146,20 +146,29 @@ lane_traverse(Lane *self, visitproc visit, void *arg)
     return 0;
 }
 
+/* Take both sockets out of the poller's epoll set. */
+static void
+unregister(Lane *self)
+{
+    int epfd = ((Poller *)self->poller)->epfd;
+    epoll_ctl(epfd, EPOLL_CTL_DEL, self->fd[FRONT], NULL);
+    epoll_ctl(epfd, EPOLL_CTL_DEL, self->fd[BACK], NULL);
+}
+
 /* Forget the sockets without calling the session (the Lane is being
- * collected: nothing is left to give them back to). */
+ * cleared: nothing is left to give them back to). */
 static void
 drop_sockets(Lane *self)
 {
-    if (self->poller != NULL) {
-        int epfd = ((Poller *)self->poller)->epfd;
-        epoll_ctl(epfd, EPOLL_CTL_DEL, self->fd[FRONT], NULL);
-        epoll_ctl(epfd, EPOLL_CTL_DEL, self->fd[BACK], NULL);
-    }
+    int owned = self->poller != NULL;
+    if (owned)
+        unregister(self);
     Py_CLEAR(self->poller);
     Py_CLEAR(self->disowned);
     Py_CLEAR(self->out[FRONT]);
     Py_CLEAR(self->out[BACK]);
+    if (owned)
+        Py_DECREF(self);  /* the registration's reference (own) */
 }
 
 static int
@@ -783,16 +792,13 @@ static int
 disown(Lane *self, PyObject *exc)
 {
     PyObject *poller = self->poller, *callback = self->disowned, *to[2] = {NULL, NULL}, *r;
-    int epfd;
+    int failed = 0;
     if (poller == NULL)
         return 0;
-    epfd = ((Poller *)poller)->epfd;
-    epoll_ctl(epfd, EPOLL_CTL_DEL, self->fd[FRONT], NULL);
-    epoll_ctl(epfd, EPOLL_CTL_DEL, self->fd[BACK], NULL);
+    unregister(self);
     self->poller = NULL;
     self->disowned = NULL;
     self->broken = 0;
-    int failed = 0;
     for (int end = FRONT; end <= BACK; end++) {
         PyObject *data = self->out[end];
         if (data == NULL)
@@ -831,10 +837,6 @@ lane_own(Lane *self, PyObject *args)
         return NULL;
     }
     epfd = ((Poller *)poller)->epfd;
-    if (epfd < 0) {
-        PyErr_SetString(PyExc_ValueError, "the poller is closed");
-        return NULL;
-    }
     self->fd[FRONT] = cfd;
     self->fd[BACK] = pfd;
     for (int end = FRONT; end <= BACK; end++) {
@@ -1018,8 +1020,6 @@ poller_poll(Poller *self, PyObject *unused)
     struct epoll_event events[BATCH];
     Lane *lanes[BATCH];
     int n;
-    if (self->epfd < 0)
-        Py_RETURN_NONE;
     do
         n = epoll_wait(self->epfd, events, BATCH, 0);
     while (n < 0 && errno == EINTR);
@@ -1066,16 +1066,6 @@ poller_fileno(Poller *self, PyObject *unused)
 }
 
 static PyObject *
-poller_close(Poller *self, PyObject *unused)
-{
-    if (self->epfd >= 0) {
-        close(self->epfd);
-        self->epfd = -1;
-    }
-    Py_RETURN_NONE;
-}
-
-static PyObject *
 poller_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     Poller *self;
@@ -1102,7 +1092,6 @@ static PyMethodDef poller_methods[] = {
     {"poll", (PyCFunction)poller_poll, METH_NOARGS,
      "Serve the sockets that are ready (the event loop's reader callback)."},
     {"fileno", (PyCFunction)poller_fileno, METH_NOARGS, "The epoll descriptor to watch."},
-    {"close", (PyCFunction)poller_close, METH_NOARGS, "Close the epoll descriptor."},
     {NULL, NULL, 0, NULL},
 };
 
