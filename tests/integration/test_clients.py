@@ -314,6 +314,20 @@ async def _aconnect(gw: Gateway, db: str, **kwargs: object) -> asyncpg.Connectio
     return await asyncpg.connect(gw.dsn(db), **kwargs)
 
 
+async def _listen(conn: asyncpg.Connection, channel: str,
+                  received: list[tuple[str, str]]) -> asyncio.Event:
+    """LISTEN on ``channel``: each notification is appended to ``received``,
+    and the event returned is set at the first."""
+    got = asyncio.Event()
+
+    def on_notify(conn: object, pid: int, channel: str, payload: str) -> None:
+        received.append((channel, payload))
+        got.set()
+
+    await conn.add_listener(channel, on_notify)
+    return got
+
+
 def test_asyncpg_prepared_statements_and_cursor_replay_on_mirror(
     gateway: GatewayFactory, fresh_db: str, pg_primary: PgCluster, pg_mirror: PgCluster,
 ) -> None:
@@ -387,13 +401,7 @@ def test_asyncpg_notify_reaches_listener_exactly_once(
         listener = await _aconnect(gw, fresh_db)
         sender = await _aconnect(gw, fresh_db)
         try:
-            got = asyncio.Event()
-
-            def on_notify(conn: object, pid: int, channel: str, payload: str) -> None:
-                received.append((channel, payload))
-                got.set()
-
-            await listener.add_listener("events", on_notify)
+            got = await _listen(listener, "events", received)
             # Let the mirror replay the LISTEN before the NOTIFY, so that the
             # mirror's own notification exists and must be held back.
             wait_drained(gw)
@@ -518,13 +526,7 @@ def test_an_unmirrored_session_s_lane_passes_notifications_cancels_and_a_termina
         listener = await _aconnect(gw, fresh_db)
         sender = await _aconnect(gw, fresh_db)
         try:
-            got = asyncio.Event()
-
-            def on_notify(conn: object, pid: int, channel: str, payload: str) -> None:
-                received.append((channel, payload))
-                got.set()
-
-            await listener.add_listener("events", on_notify)
+            got = await _listen(listener, "events", received)
             await sender.execute("NOTIFY events, 'hello'")
             await asyncio.wait_for(got.wait(), 10)
             with pytest.raises(TimeoutError):
